@@ -1,0 +1,145 @@
+"""The analysis pass: walk the graph once in order and let the declared patterns say, node by
+node, which axes carry width, which constants are parameters of which role, and how scales
+relate. Nothing is rewritten here; the result is what `inspect` shows and what the plan reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import dims as D
+from .errors import WidenError
+from .graph import Graph
+from .scales import ScaleSystem, Term
+from .shapes import ShapeInfo
+
+
+@dataclass
+class ParamUse:
+    """One use of a constant as a width-carrying parameter."""
+
+    name: str  # initializer or Constant output
+    node: onnx.NodeProto
+    axes: tuple  # Sym | None per axis of the constant
+    read_axes: frozenset  # axes summed against a widened input (divided by the copies)
+    log_factor: dict  # tensor -> coef; factor = exp(sum coef * s_tensor + const)
+    const: float = 0.0
+    role: str = ""
+
+
+@dataclass
+class ScalarUse:
+    """A scalar constant whose value must follow a scale (bias-like addends such as eps)."""
+
+    name: str
+    node: onnx.NodeProto
+    log_factor: dict
+    role: str
+
+
+@dataclass
+class AttrUse:
+    """A float attribute (LayerNormalization epsilon) that must follow the square of a scale."""
+
+    node: onnx.NodeProto
+    attr: str
+    log_factor: dict
+
+
+@dataclass
+class ShapeUse:
+    """An integer input read as a shape; `required(plan)` gives its wide value."""
+
+    node: onnx.NodeProto
+    index: int
+    required: object  # callable(plan) -> np.ndarray | None
+
+
+@dataclass
+class Match:
+    """A recognised subgraph, for inspect and the report."""
+
+    kind: str
+    nodes: list
+    info: dict = field(default_factory=dict)
+
+
+class Analysis:
+    def __init__(self, graph: Graph, info: ShapeInfo):
+        self.graph = graph
+        self.info = info
+        self.axes: dict[str, tuple] = {}  # tracked tensors -> Sym|None per axis
+        self.params: list[ParamUse] = []
+        self.scalars: list[ScalarUse] = []
+        self.attrs: list[AttrUse] = []
+        self.shape_uses: list[ShapeUse] = []
+        self.scale = ScaleSystem()
+        self.matches: list[Match] = []
+        self.claims: dict[str, str] = {}  # node name -> pattern that covers it
+        self.born: list[tuple] = []  # (Sym, tensor) for dims created by a linear layer's output
+        self.scale_consts: list[dict] = []  # attention scale constants and their exponent of head size
+        self.uncovered: list[tuple] = []
+
+    # ---- queries used by patterns ----------------------------------------------------------
+    def tracked(self, name: str) -> bool:
+        return name in self.axes
+
+    def ax(self, name: str) -> tuple:
+        if name in self.axes:
+            return self.axes[name]
+        return (None,) * len(self.shape(name))
+
+    def shape(self, name: str) -> tuple:
+        s = self.info.shapes.get(name)
+        if s is None:
+            raise WidenError(f"tensor {name!r}: unknown shape")
+        return s
+
+    def value(self, name: str):
+        return self.info.values.get(name)
+
+    def name(self, node) -> str:
+        return self.graph.node_name(node)
+
+    # ---- records made by patterns ----------------------------------------------------------
+    def set(self, out: str, axes):
+        axes = tuple(a.find() if a is not None else None for a in axes)
+        if len(axes) != len(self.shape(out)):
+            raise WidenError(f"tensor {out!r}: rank mismatch in width analysis ({len(axes)} vs {len(self.shape(out))})")
+        self.axes[out] = axes
+
+    def claim(self, node, pattern: str):
+        self.claims[self.name(node)] = pattern
+
+    def param(self, name, node, axes, log_factor, read_axes=(), role="", const=0.0):
+        self.params.append(ParamUse(name, node, tuple(axes), frozenset(read_axes), dict(log_factor), const, role))
+
+    def new_sym(self, size: int, node, tags=()):
+        return D.Sym(size, self.name(node), tags)
+
+    def unify(self, a, b, node):
+        if a is None or b is None:
+            return a if b is None else b
+        return D.unify(a, b, f"node {self.name(node)!r} ({node.op_type})")
+
+    def fail(self, node, why: str):
+        raise WidenError(f"node {self.name(node)!r} ({node.op_type}): {why}")
+
+
+def run(graph: Graph, info: ShapeInfo, registry) -> Analysis:
+    an = Analysis(graph, info)
+    for node in graph.nodes:
+        tracked_in = [i for i in node.input if i and an.tracked(i)]
+        handler = registry.handler_for(node, an, bool(tracked_in))
+        if handler is None:
+            if tracked_in:
+                an.uncovered.append((node, f"no pattern covers {node.op_type} on a width path (input {tracked_in[0]!r})"))
+            continue
+        handler(an, node)
+    for out in graph.outputs:
+        if out.name in an.axes:
+            # Hidden-state outputs leave as R(h)/sqrt(k) (the post's convention); others unscaled.
+            an.scale.fix(out.name, f"graph output {out.name!r}", Term("output", out.name))
+    return an

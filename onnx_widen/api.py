@@ -1,0 +1,51 @@
+"""Python API: widen, inspect, validate (the CLI is a thin layer over these)."""
+from __future__ import annotations
+
+import time
+
+import onnx
+
+from . import analysis, plan as plan_mod, shapes
+from .apply import apply
+from .errors import WidenError
+from .graph import Graph
+from .model_io import load_model
+
+
+def analyse(model, dims=None):
+    from .patterns import RECOGNIZERS, REGISTRY
+
+    graph = Graph(model)
+    info = shapes.infer(graph, shapes.concrete_input_shapes(graph, dims))
+    an = analysis.run(graph, info, REGISTRY)
+    for r in RECOGNIZERS:
+        an.matches.extend(r(an))
+    return an
+
+
+def build_plan(model, options: plan_mod.Options):
+    options.check()
+    an = analyse(model)
+    if an.uncovered:
+        node, why = an.uncovered[0]
+        more = f" (and {len(an.uncovered) - 1} more)" if len(an.uncovered) > 1 else ""
+        raise WidenError(f"node {an.name(node)!r} ({node.op_type}): {why}{more}")
+    return plan_mod.build(an, options)
+
+
+def widen(model_or_path, factor: int = 2, residual: str = "repeat") -> onnx.ModelProto:
+    """Return the widened model (hidden, FFN and head size times `factor`) computing the same function."""
+    model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    p = build_plan(model, plan_mod.Options(factor=factor, residual=residual))
+    return apply(p)
+
+
+def inspect(model_or_path):
+    model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
+    return analyse(model)
+
+
+def validate(small, wide, **kw):
+    from .validation import validate as _validate
+
+    return _validate(small, wide, **kw)

@@ -1,0 +1,166 @@
+"""Width-carrying dimensions as union-find classes, and the index layout each one gets.
+
+A `Sym` is one width-carrying dimension of the small model (hidden, FFN, a head's size...).
+Dimensions that the graph forces to be equal (both sides of an Add, the contracted axes of a
+MatMul) are unified. A Reshape that splits a dimension into several gives it `factors`, so that
+heads and head size can be told apart and laid out independently.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from .errors import WidenError
+
+_ids = itertools.count()
+
+
+class Sym:
+    __slots__ = ("id", "size", "parent", "factors", "tags", "origin")
+
+    def __init__(self, size: int, origin: str, tags=()):
+        self.id = next(_ids)
+        self.size = int(size)
+        self.parent = self
+        self.factors: list | None = None  # list of Sym (a merged axis such as heads x head_dim)
+        self.tags = set(tags)
+        self.origin = origin
+
+    def find(self) -> "Sym":
+        root = self
+        while root.parent is not root:
+            root = root.parent
+        node = self
+        while node.parent is not root:
+            node.parent, node = root, node.parent
+        return root
+
+    def __repr__(self):
+        r = self.find()
+        f = f"={'x'.join(repr(x) for x in r.factors)}" if r.factors else ""
+        return f"S{r.id}({r.size}{f})"
+
+
+def unify(a: Sym, b: Sym, where: str) -> Sym:
+    ra, rb = a.find(), b.find()
+    if ra is rb:
+        return ra
+    if ra.size != rb.size:
+        raise WidenError(f"{where}: width dimensions {ra!r} and {rb!r} must be equal but have sizes {ra.size} and {rb.size}")
+    fa, fb = ra.factors, rb.factors
+    rb.parent = ra
+    ra.tags |= rb.tags
+    if fa is None:
+        ra.factors = fb
+    elif fb is not None:
+        _unify_factor_lists(fa, fb, where)
+    return ra
+
+
+def _unify_factor_lists(fa, fb, where):
+    if [f.find().size for f in fa] != [f.find().size for f in fb]:
+        # Different factorisations of one dimension (e.g. [4, 24] vs [2, 48]) cannot be laid out consistently.
+        raise WidenError(f"{where}: one width dimension is split two incompatible ways: {fa} vs {fb}")
+    for x, y in zip(fa, fb):
+        unify(x, y, where)
+
+
+def split(sym: Sym, sizes: list[int], origin: str) -> list[Sym]:
+    """Factor `sym` into consecutive sub-dimensions of the given sizes (row-major)."""
+    root = sym.find()
+    if root.factors is not None:
+        have = [f.find().size for f in root.factors]
+        if have == sizes:
+            return [f.find() for f in root.factors]
+        if int(np.prod(sizes)) == root.size:
+            # Refine: an existing factor may itself split further ([H, D] then [H, D/2, 2]).
+            return _refine(root.factors, sizes, origin)
+        raise WidenError(f"{origin}: cannot split {root!r} into {sizes}")
+    if int(np.prod(sizes)) != root.size:
+        raise WidenError(f"{origin}: cannot split {root!r} into {sizes}")
+    root.factors = [Sym(s, origin) for s in sizes]
+    return list(root.factors)
+
+
+def _refine(factors, sizes, origin):
+    out, i = [], 0
+    for f in factors:
+        f = f.find()
+        group, prod = [], 1
+        while prod < f.size and i < len(sizes):
+            group.append(sizes[i])
+            prod *= sizes[i]
+            i += 1
+        if prod != f.size:
+            raise WidenError(f"{origin}: cannot split {factors} into {sizes}")
+        out.extend([f] if len(group) == 1 else split(f, group, origin))
+    return out
+
+
+def merge(syms: list, sizes: list[int], origin: str) -> Sym:
+    """A dimension made by merging consecutive axes; `syms` entries may be None (not width)."""
+    if len(syms) == 1 and syms[0] is not None:
+        return syms[0].find()
+    parts = [s.find() if s is not None else Sym(n, origin, tags={"fixed"}) for s, n in zip(syms, sizes)]
+    m = Sym(int(np.prod(sizes)), origin)
+    m.factors = parts
+    return m
+
+
+def leaves(sym: Sym) -> list[Sym]:
+    root = sym.find()
+    if root.factors is None:
+        return [root]
+    return [leaf for f in root.factors for leaf in leaves(f)]
+
+
+class Layout:
+    """How a small axis becomes a wide one: `src[j]` is the small index copied to wide index j."""
+
+    __slots__ = ("src", "small", "copies", "key")
+
+    def __init__(self, src: np.ndarray, small: int):
+        self.src = np.asarray(src, dtype=np.int64)
+        self.small = small
+        counts = np.bincount(self.src[self.src >= 0], minlength=small)
+        self.copies = counts
+        self.key = (small, self.src.tobytes())
+
+    @property
+    def wide(self) -> int:
+        return len(self.src)
+
+    @property
+    def identity(self) -> bool:
+        return self.wide == self.small and bool(np.all(self.src == np.arange(self.small)))
+
+    @staticmethod
+    def repeat(n: int, k: int) -> "Layout":
+        return Layout(np.repeat(np.arange(n), k), n)
+
+    @staticmethod
+    def block_repeat(n: int, k: int, block: int) -> "Layout":
+        """Repeat whole blocks of `block` units k times ([h1, h1, h2, h2] for heads)."""
+        h = n // block
+        return Layout((np.repeat(np.arange(h), k)[:, None] * block + np.arange(block)[None, :]).ravel(), n)
+
+    @staticmethod
+    def product(parts: list["Layout"]) -> "Layout":
+        src = np.zeros(1, dtype=np.int64)
+        small = 1
+        for p in parts:
+            src = (src[:, None] * p.small + p.src[None, :]).ravel()
+            small *= p.small
+        return Layout(src, small)
+
+    def to_json(self) -> dict:
+        if np.array_equal(self.src, np.repeat(np.arange(self.small), self.wide // self.small)) and self.wide % self.small == 0:
+            return {"small": self.small, "repeat": self.wide // self.small}
+        return {"small": self.small, "src": self.src.tolist()}
+
+    @staticmethod
+    def from_json(d: dict) -> "Layout":
+        if "repeat" in d:
+            return Layout.repeat(d["small"], d["repeat"])
+        return Layout(np.asarray(d["src"]), d["small"])

@@ -1,0 +1,141 @@
+"""The small vocabulary patterns are written in: a declared pattern, and helpers that read
+the graph the way every pattern needs (broadcast alignment, constant sources, scalars)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .graph import attr
+from .scales import Term
+
+# Ops a constant may pass through between its initializer and its use (folded by some exporters, not by others).
+CONST_PASSTHROUGH = ("Transpose", "Identity", "Cast")
+
+
+@dataclass(frozen=True)
+class OpPattern:
+    """`apply(an, node)` records what one node means for widening when `when(an, node)` holds.
+
+    `seed` patterns may fire on nodes with no tracked input (they create width, e.g. embeddings).
+    """
+
+    name: str
+    ops: tuple
+    apply: Callable
+    when: Callable = lambda an, node: True
+    seed: bool = False
+    domain: str = ""
+
+
+class Registry:
+    def __init__(self, patterns):
+        self.by_op: dict[tuple, list] = {}
+        for p in patterns:
+            for op in p.ops:
+                self.by_op.setdefault((p.domain, op), []).append(p)
+
+    def handler_for(self, node, an, tracked: bool):
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        for p in self.by_op.get((domain, node.op_type), []):
+            if (tracked or p.seed) and p.when(an, node):
+                def run(an, node, p=p):
+                    an.claim(node, p.name)
+                    p.apply(an, node)
+                return run
+        return None
+
+
+def const_source(an, name):
+    """(initializer-or-Constant name, perm) if `name` is a constant seen through Transpose/Identity/Cast."""
+    perm = None
+    g = an.graph
+    while not g.is_const(name):
+        p = g.producer.get(name)
+        if p is None or p.op_type not in CONST_PASSTHROUGH:
+            return None
+        if p.op_type == "Transpose":
+            rank = len(an.shape(p.input[0]))
+            pp = attr(p, "perm", list(range(rank))[::-1])
+            perm = list(pp) if perm is None else [pp[i] for i in perm]
+        name = p.input[0]
+    return name, perm
+
+
+def source_axes(axes, perm):
+    """Axes of the constant itself, given the axes of its transposed view."""
+    if perm is None:
+        return tuple(axes)
+    out = [None] * len(axes)
+    for view_axis, src_axis in enumerate(perm):
+        out[src_axis] = axes[view_axis]
+    return tuple(out)
+
+
+def source_read_axes(read_axes, perm):
+    return frozenset(perm[a] if perm is not None else a for a in read_axes)
+
+
+def aligned(an, name, out_rank):
+    """Output axis for each axis of an input under numpy broadcasting."""
+    r = len(an.shape(name))
+    return [out_rank - r + j for j in range(r)]
+
+
+def broadcast_axes(an, node, inputs):
+    """Unify the width axes of tracked inputs under broadcasting; returns the output axes."""
+    out = node.output[0]
+    oshape = an.shape(out)
+    axes = [None] * len(oshape)
+    for name in inputs:
+        if not name or not an.tracked(name):
+            continue
+        for j, oj in enumerate(aligned(an, name, len(oshape))):
+            a = an.ax(name)[j]
+            if a is not None:
+                axes[oj] = an.unify(axes[oj], a, node)
+    return axes
+
+
+def width_param_axes(an, name, out_axes):
+    """Axes of a constant broadcast against `out_axes`, or None when it touches no width axis."""
+    shape = an.shape(name)
+    offs = aligned(an, name, len(out_axes))
+    axes = tuple(out_axes[o] if shape[j] != 1 else None for j, o in enumerate(offs))
+    return axes if any(a is not None for a in axes) else None
+
+
+def is_int(an, name):
+    from onnx import TensorProto
+
+    return an.info.dtypes.get(name) in (TensorProto.INT64, TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT8, TensorProto.BOOL)
+
+
+def scalar_value(an, name):
+    v = an.value(name)
+    if v is None or np.size(v) != 1:
+        return None
+    return float(np.asarray(v).reshape(()))
+
+
+def ratio(node, index) -> Term:
+    return Term("ratio", (node, index))
+
+
+def axes_arg(an, node, input_index=1, attr_name="axes"):
+    """Axes given as an attribute (old opsets) or as a constant input (newer ones)."""
+    a = attr(node, attr_name)
+    if a is not None:
+        return list(a)
+    if len(node.input) > input_index and node.input[input_index]:
+        v = an.value(node.input[input_index])
+        if v is None:
+            an.fail(node, f"{attr_name} must be constant")
+        return [int(x) for x in np.atleast_1d(v)]
+    return None
+
+
+def is_constlike(an, name):
+    """A constant, possibly behind Identity/Transpose/Cast (TorchScript shares deduplicated weights through Identity)."""
+    return bool(name) and not an.tracked(name) and const_source(an, name) is not None

@@ -1,0 +1,337 @@
+"""The plan: for every constant use, its new value or recipe; for every graph input/output,
+its mapping. Built from the analysis and the options; nothing is written here."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import dims as D
+from . import rules
+from .analysis import Analysis
+from .errors import WidenError
+from .graph import attr
+from .shapes import evaluate
+
+TRANSPARENT_TO_OUTPUT = {"Reshape", "Transpose", "Identity", "Cast", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather",
+                         "Softmax", "LogSoftmax", "Sigmoid", "Flatten", "Concat", "Add", "Sub", "Mul", "Div"}
+
+
+@dataclass
+class Options:
+    factor: int = 2
+    residual: str = "repeat"  # or "orthogonal"
+
+    def check(self):
+        from .errors import UsageError
+
+        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, np.integer)) or self.factor < 2:
+            raise UsageError(f"factor must be an integer >= 2, got {self.factor!r}")
+        if self.residual not in rules.RESIDUAL_SCHEMES:
+            raise UsageError(f"residual scale must be one of {', '.join(rules.RESIDUAL_SCHEMES)}, got {self.residual!r}")
+
+
+@dataclass
+class Recipe:
+    """How one use of a constant is rewritten: a widened parameter or a replaced small value."""
+
+    key: tuple
+    param: object = None  # ParamUse
+    layouts: tuple = ()
+    factor: float = 1.0
+    value: np.ndarray | None = None
+
+    def compute(self, original: np.ndarray) -> np.ndarray:
+        if self.value is not None:
+            return self.value
+        out = rules.widen_tensor(original, list(self.layouts), self.param.read_axes, self.factor)
+        return out.astype(original.dtype)
+
+
+@dataclass
+class Plan:
+    an: Analysis
+    opts: Options
+    layouts: dict = field(default_factory=dict)
+    edits: dict = field(default_factory=dict)  # (id(node), idx) -> (node, idx, name, Recipe)
+    attr_edits: list = field(default_factory=list)  # (node, attr name, new value)
+    scales: dict = field(default_factory=dict)
+    io: dict = field(default_factory=dict)  # graph input/output name -> mapping json
+    notes: list = field(default_factory=list)  # departures from the canonical wide config
+
+    # ---- layouts -----------------------------------------------------------------------------
+    def layout(self, sym) -> D.Layout:
+        root = sym.find()
+        if root.id not in self.layouts:
+            if root.factors:
+                lay = D.Layout.product([self.layout(f) for f in root.factors])
+            else:
+                lay = rules.layout_for(root.tags, root.size, self.opts.factor)
+            self.layouts[root.id] = lay
+        return self.layouts[root.id]
+
+    def wide_shape(self, name) -> tuple:
+        shape = self.an.shape(name)
+        return tuple(self.layout(a).wide if a is not None else n for a, n in zip(self.an.ax(name), shape))
+
+    def widened(self, name) -> bool:
+        return any(a is not None and not self.layout(a).identity for a in self.an.ax(name))
+
+    # ---- terms of the scale system -------------------------------------------------------------
+    def log_copies(self, sym) -> float:
+        copies = self.layout(sym).copies
+        if copies.min() != copies.max():
+            raise WidenError(f"dimension {sym!r}: uneven copies cannot be summed exactly")
+        return math.log(int(copies[0]))
+
+    def log_ratio(self, use) -> float:
+        node, idx = use
+        small = self.an.value(node.input[idx])
+        edit = self.edits.get((id(node), idx))
+        wide = edit[3].value if edit is not None and edit[3].value is not None else self.wide_values.get(node.input[idx])
+        if small is None or wide is None or np.size(small) != 1 or np.size(wide) != 1:
+            return 0.0
+        s, w = float(np.asarray(small).reshape(())), float(np.asarray(wide).reshape(()))
+        if s == 0 or w == 0 or (s > 0) != (w > 0):
+            return 0.0
+        return math.log(w / s)
+
+    def log_output(self, name) -> float:
+        return rules.output_log_scale(self.opts.factor) if self.widened(name) else 0.0
+
+    # ---- edits ---------------------------------------------------------------------------------
+    def edit_value(self, node, idx, value: np.ndarray):
+        name = node.input[idx]
+        self.edits[(id(node), idx)] = (node, idx, name, Recipe(("value", value.dtype.str, value.shape, value.tobytes()), value=value))
+
+    def use_overrides(self):
+        return {k: e[3].value for k, e in self.edits.items() if e[3].value is not None}
+
+
+def build(an: Analysis, opts: Options) -> Plan:
+    plan = Plan(an, opts)
+    _mark_terminal(an)
+    _canonical_scale_constants(plan)
+    _shape_constants(plan)
+    tracked = set(an.axes)
+    plan.scales = an.scale.solve(plan, rules.residual_log_scale(opts.residual, opts.factor), tracked)
+    _parameters(plan)
+    _scalars_and_attrs(plan)
+    _io_mappings(plan)
+    return plan
+
+
+def _mark_terminal(an: Analysis):
+    """A linear output that reaches only graph outputs, through ops that do not mix units, is a
+    head's output axis (labels, vocabulary): the wide config keeps it."""
+    by_root: dict[int, list] = {}
+    for sym, tensor in an.born:
+        by_root.setdefault(sym.find().id, []).append((sym.find(), tensor))
+    for items in by_root.values():
+        root = items[0][0]
+        if root.tags & {"embed", "heads"}:
+            continue
+        if all(_reaches_only_outputs(an, t) for _, t in items):
+            root.tags.add("terminal")
+
+
+def _reaches_only_outputs(an, tensor, seen=None):
+    seen = seen if seen is not None else set()
+    if tensor in seen:
+        return True
+    seen.add(tensor)
+    consumers = an.graph.consumers.get(tensor, [])
+    if not consumers:
+        return tensor in an.graph.output_names
+    for c in consumers:
+        if c.op_type not in TRANSPARENT_TO_OUTPUT:
+            return False
+        if c.op_type in ("Add", "Sub", "Mul", "Div") and sum(an.tracked(i) for i in c.input) > 1:
+            return False
+        if not all(_reaches_only_outputs(an, o, seen) for o in c.output if o):
+            return False
+    return True
+
+
+def _canonical_scale_constants(plan: Plan):
+    for sc in plan.an.scale_consts:
+        node, idx = sc["node"], sc["index"]
+        wide_dh = plan.layout(sc["head"]).wide
+        old = np.asarray(plan.an.graph.const(node.input[idx]))
+        new = np.full(old.shape, rules.canonical_scale_constant(wide_dh, sc["exponent"]), dtype=old.dtype)
+        if not np.array_equal(new, old):
+            plan.edit_value(node, idx, new)
+
+
+def _wide_world(plan: Plan):
+    an = plan.an
+    shapes = {name: plan.wide_shape(name) if name in an.axes else s for name, s in an.info.shapes.items()}
+    return evaluate(an.graph, shapes, {}, plan.use_overrides())
+
+
+def _shape_slots():
+    from .patterns.shape_constants import SHAPE_SLOTS
+
+    return SHAPE_SLOTS
+
+
+def _check_shapes(plan: Plan, fix: bool):
+    an = plan.an
+    wide = _wide_world(plan)
+    plan.wide_values = wide
+    by_role = {(id(su.node), su.index): su for su in an.shape_uses}
+    problems = []
+    for node in an.graph.nodes:
+        for idx in _shape_slots().get(node.op_type, ()):
+            if idx >= len(node.input) or not node.input[idx]:
+                continue
+            name = node.input[idx]
+            small = an.value(name)
+            su = by_role.get((id(node), idx))
+            required = su.required(plan) if su is not None else small
+            if required is None:
+                if su is not None and plan.widened(node.output[0]):
+                    problems.append((node, idx, f"shape operand {name!r} is computed from data, so its wide value cannot be checked"))
+                continue
+            edit = plan.edits.get((id(node), idx))
+            current = edit[3].value if edit is not None else wide.get(name)
+            if current is not None and np.array_equal(np.asarray(current).reshape(-1), np.asarray(required).reshape(-1)):
+                continue
+            if not fix:
+                problems.append((node, idx, f"shape operand {name!r} is {None if current is None else np.asarray(current).tolist()} in the wide graph, role requires {np.asarray(required).tolist()}"))
+                continue
+            if current is None:
+                problems.append((node, idx, f"shape operand {name!r} cannot be evaluated"))
+                continue
+            cur = np.asarray(current).reshape(-1)
+            req = np.asarray(required).reshape(-1)
+            for e in np.flatnonzero(cur != req):
+                why = _retarget(plan, node, idx, int(e), int(req[e]))
+                if why:
+                    problems.append((node, idx, why))
+    return problems
+
+
+def _shape_constants(plan: Plan):
+    problems = _check_shapes(plan, fix=True)
+    if not problems:
+        problems = _check_shapes(plan, fix=False)
+    if problems:
+        node, idx, why = problems[0]
+        raise WidenError(f"node {plan.an.name(node)!r} ({node.op_type}) input {idx}: {why}")
+
+
+def _retarget(plan: Plan, node, idx, elem, value):
+    """Rewrite the constant element that element `elem` of node.input[idx] comes from."""
+    an = plan.an
+    g = an.graph
+    name = node.input[idx]
+    while not g.is_const(name):
+        p = g.producer.get(name)
+        if p is None:
+            return f"shape value {name!r} does not come from a constant"
+        if p.op_type == "Concat" and attr(p, "axis", 0) in (0, -1):
+            off = 0
+            for j, inp in enumerate(p.input):
+                n = int(np.size(an.value(inp))) if an.value(inp) is not None else None
+                if n is None:
+                    return f"shape value built by {an.name(p)!r} from a non-constant part"
+                if elem < off + n:
+                    node, idx, name, elem = p, j, inp, elem - off
+                    break
+                off += n
+            continue
+        if p.op_type in ("Unsqueeze", "Squeeze", "Identity", "Cast", "Reshape", "Flatten"):
+            node, idx, name = p, 0, p.input[0]
+            continue
+        return f"element {elem} of the shape is computed by {p.op_type} node {an.name(p)!r}, which is not a constant to rewrite"
+    edit = plan.edits.get((id(node), idx))
+    base = edit[3].value.copy() if edit is not None else np.array(g.const(name), copy=True)
+    flat = base.reshape(-1)
+    flat[elem] = value
+    plan.edit_value(node, idx, base)
+    return None
+
+
+def _factor(plan: Plan, coefs: dict, const: float = 0.0) -> float:
+    return math.exp(sum(c * plan.scales.get(t, 0.0) for t, c in coefs.items()) + const)
+
+
+def _parameters(plan: Plan):
+    for p in plan.an.params:
+        layouts = tuple(plan.layout(a) if a is not None else None for a in p.axes)
+        factor = _factor(plan, p.log_factor, p.const)
+        key = ("param",) + _normal_form(layouts, p.read_axes, factor)
+        idxs = [i for i, n in enumerate(p.node.input) if n and _source_of(plan, p.node, i) == p.name]
+        for i in idxs:
+            # The edit sits on the node that reads the initializer (possibly through a Transpose).
+            reader, ridx = _reader(plan, p.node, i)
+            existing = plan.edits.get((id(reader), ridx))
+            if existing is not None and existing[3].key != key:
+                raise WidenError(f"node {plan.an.name(p.node)!r}: parameter {p.name!r} has two incompatible roles")
+            plan.edits[(id(reader), ridx)] = (reader, ridx, p.name, Recipe(key, param=p, layouts=layouts, factor=factor))
+
+
+def _normal_form(layouts, read_axes, factor):
+    """Recipes that give the same tensor compare equal: an axis read with uniform copies is just a
+    factor 1/copies (a tied table is one tensor for its lookup and for the output head)."""
+    uneven = []
+    for axis in sorted(read_axes):
+        lay = layouts[axis]
+        if lay is None:
+            continue
+        c = lay.copies[lay.src[lay.src >= 0]]
+        if c.min() == c.max():
+            factor /= float(c[0])
+        else:
+            uneven.append(axis)
+    return (tuple(l.key if l is not None and not l.identity else None for l in layouts), tuple(uneven), round(factor, 12))
+
+
+def _source_of(plan, node, i):
+    from .match import const_source
+
+    src = const_source(plan.an, node.input[i])
+    return src[0] if src else None
+
+
+def _reader(plan, node, i):
+    """The node that reads the constant itself: `node` or the Transpose/Identity/Cast in front of it."""
+    g = plan.an.graph
+    name = node.input[i]
+    while not g.is_const(name):
+        node = g.producer[name]
+        i = 0
+        name = node.input[0]
+    return node, i
+
+
+def _scalars_and_attrs(plan: Plan):
+    an = plan.an
+    for s in an.scalars:
+        f = _factor(plan, s.log_factor)
+        if abs(f - 1.0) < 1e-12:
+            continue
+        idx = list(s.node.input).index(s.name)
+        reader, ridx = _reader(plan, s.node, idx)
+        old = np.asarray(an.graph.const(reader.input[ridx]))
+        plan.edit_value(reader, ridx, (old * f).astype(old.dtype))
+        plan.notes.append(f"{s.role} {s.name!r} at {an.name(s.node)} scaled by {f:.6g}")
+    for a in an.attrs:
+        f = _factor(plan, a.log_factor)
+        if abs(f - 1.0) < 1e-12:
+            continue
+        old = attr(a.node, a.attr, 1e-5)
+        plan.attr_edits.append((a.node, a.attr, old * f))
+        plan.notes.append(f"{a.attr} of {an.name(a.node)} changed from {old:.3g} to {old * f:.3g} (not the wide config's value)")
+
+
+def _io_mappings(plan: Plan):
+    an = plan.an
+    for vi in list(an.graph.inputs) + list(an.graph.outputs):
+        name = vi.name
+        if name not in an.axes or not plan.widened(name):
+            continue
+        axes = {str(i): plan.layout(a).to_json() for i, a in enumerate(an.ax(name)) if a is not None and not plan.layout(a).identity}
+        plan.io[name] = {"axes": axes, "scale": math.exp(plan.scales.get(name, 0.0))}

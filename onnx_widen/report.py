@@ -1,0 +1,56 @@
+"""What `widen` and `inspect` tell a person (rich tables) and a pipeline (JSON)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from .graph import Graph
+
+
+def count_params(model) -> int:
+    g = Graph(model) if not isinstance(model, Graph) else model
+    return int(sum(np.prod(t.dims) for t in g.inits.values() if t.data_type in (1, 10, 11, 16)))
+
+
+def match_summary(an) -> dict:
+    return dict(Counter(m.kind for m in an.matches))
+
+
+def inspect_json(an) -> dict:
+    g = an.graph
+    syms = {}
+    for name, axes in an.axes.items():
+        for a in axes:
+            if a is not None:
+                r = a.find()
+                syms.setdefault(r.id, r)
+    shape_consts = []
+    for su in an.shape_uses:
+        shape_consts.append({"node": an.name(su.node), "op": su.node.op_type, "operand": su.node.input[su.index],
+                             "value": None if an.value(su.node.input[su.index]) is None else np.asarray(an.value(su.node.input[su.index])).tolist(),
+                             "roles": [_role(a) for a in an.ax(su.node.output[0])]})
+    return {
+        "opset": g.opset,
+        "nodes": len(g.nodes),
+        "nodes_on_width_paths": len(an.claims),
+        "matches": [{"kind": m.kind, "nodes": m.nodes, **{k: v for k, v in m.info.items()}} for m in an.matches],
+        "counts": match_summary(an),
+        "shape_constants": shape_consts,
+        "claims": dict(an.claims),
+        "uncovered": [{"node": an.name(n), "op": n.op_type, "why": why} for n, why in an.uncovered],
+    }
+
+
+def _role(sym):
+    if sym is None:
+        return "-"
+    r = sym.find()
+    if r.factors:
+        return "x".join(_role(f) for f in r.factors)
+    for tag in ("heads", "terminal", "fixed"):
+        if tag in r.tags:
+            return f"{tag}({r.size})"
+    if "embed" in r.tags:
+        return f"hidden({r.size})"
+    return f"width({r.size})"

@@ -1,0 +1,66 @@
+"""The widening rules, one function per line of WIDENING.md, so a reader can check them there.
+
+Everything the plan rewrites goes through these few formulas; the patterns only say which
+tensor plays which role and how scales relate (see scales.py).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .dims import Layout
+
+# "Two ways to carry the residual stream": plain repeat R(x) (default, canonical) or R(x)/sqrt(k).
+RESIDUAL_SCHEMES = ("repeat", "orthogonal")
+
+
+def residual_log_scale(scheme: str, k: int) -> float:
+    """log of the residual stream's scale: 1 (plain repeat) or 1/sqrt(k) (orthogonal, the post)."""
+    return 0.0 if scheme == "repeat" else -0.5 * math.log(k)
+
+
+def output_log_scale(k: int) -> float:
+    """Hidden-state outputs leave as R(h)/sqrt(k) (WIDENING.md, Outputs)."""
+    return -0.5 * math.log(k)
+
+
+def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np.ndarray:
+    """Linear layer rule W~[i, j] = c / (a * k_in) * W[i // k_in, j // k_out], in general form:
+    copy every axis by its layout, divide each axis that is summed against a widened input by
+    the copies of its unit, and multiply by the scale factor c / a (or c for biases, gains, tables).
+    Units placed as zeros (src = -1) stay zero."""
+    out = arr.astype(np.float64) if arr.dtype != np.float64 else arr
+    for axis, lay in enumerate(layouts):
+        if lay is None or lay.identity:
+            continue
+        src = lay.src
+        out = np.take(out, np.where(src < 0, 0, src), axis=axis)
+        if (src < 0).any():
+            shape = [1] * out.ndim
+            shape[axis] = len(src)
+            out = out * (src >= 0).reshape(shape)
+        if axis in read_axes:
+            shape = [1] * out.ndim
+            shape[axis] = len(src)
+            out = out / np.where(src < 0, 1, lay.copies[np.where(src < 0, 0, src)]).reshape(shape)
+    if factor != 1.0:
+        out = out * factor
+    return out
+
+
+def canonical_scale_constant(head_size_wide: int, exponent: float) -> float:
+    """Softmax scale constants take the wide head size's value: 1/sqrt(k*dh), or (k*dh)**-0.25 per side."""
+    return float(head_size_wide) ** exponent
+
+
+def epsilon(eps: float, input_log_scale: float) -> float:
+    """A norm whose input arrives at scale a keeps its function with eps * a**2 (eps/k, orthogonal)."""
+    return eps * math.exp(2.0 * input_log_scale)
+
+
+def layout_for(tags: set, size: int, k: int) -> Layout:
+    """Keep-heads growth: head counts, batch-like and terminal axes stay; every other width axis repeats k times."""
+    if tags & {"heads", "fixed", "terminal"}:
+        return Layout.repeat(size, 1)
+    return Layout.repeat(size, k)

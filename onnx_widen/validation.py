@@ -1,0 +1,158 @@
+"""Run the small and the wide model on the same inputs with onnxruntime and compare outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .apply import read_mapping
+from .errors import UsageError, WidenError
+from .graph import Graph
+from .mapping import post_convention, unwiden, widen_array
+
+ATOL = 1e-5  # float32 rounding on O(1) outputs, after a dozen layers
+RTOL = 1e-4  # relative to the largest magnitude of the reference output
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
+       onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_}
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    shape: tuple
+    max_abs: float
+    max_rel: float
+    ok: bool
+    mapped: bool
+
+
+@dataclass
+class ValidationResult:
+    outputs: list = field(default_factory=list)
+    input_shapes: list = field(default_factory=list)
+    provider: str = "cpu"
+    atol: float = ATOL
+    rtol: float = RTOL
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    def to_json(self):
+        return {"ok": self.ok, "provider": self.provider, "atol": self.atol, "rtol": self.rtol, "input_shapes": self.input_shapes,
+                "outputs": {o.name: {"max_abs": o.max_abs, "max_rel": o.max_rel, "ok": o.ok, "shape": list(o.shape), "unwidened": o.mapped} for o in self.outputs}}
+
+
+def _table_rows(graph: Graph, name: str):
+    """Rows of the embedding table an id input indexes (its vocabulary), if it feeds one."""
+    for c in graph.consumers.get(name, []):
+        if c.op_type == "Gather" and c.input[1] == name and graph.is_const(c.input[0]):
+            return int(graph.const_shape(c.input[0])[0])
+        if c.op_type in ("Cast", "Identity", "Unsqueeze", "Reshape"):
+            r = _table_rows(graph, c.output[0])
+            if r is not None:
+                return r
+    return None
+
+
+def make_inputs(model: onnx.ModelProto, shapes: dict | None = None, seed: int = 0, dims: dict | None = None):
+    """Token ids inside the vocabulary, masks of ones, positions 0..S-1, normal floats."""
+    from .shapes import concrete_input_shapes
+
+    graph = Graph(model)
+    rng = np.random.default_rng(seed)
+    concrete = concrete_input_shapes(graph, dims, shapes)
+    feeds = {}
+    for inp in graph.inputs:
+        shape = concrete[inp.name]
+        dtype = _NP.get(inp.type.tensor_type.elem_type)
+        if dtype is None:
+            raise UsageError(f"input {inp.name!r}: unsupported element type {inp.type.tensor_type.elem_type}")
+        lname = inp.name.lower()
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_ or "mask" in lname:
+            feeds[inp.name] = np.ones(shape, dtype=dtype)
+        elif "position" in lname:
+            feeds[inp.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+        else:
+            rows = _table_rows(graph, inp.name)
+            feeds[inp.name] = rng.integers(0, rows if rows else 2, size=shape).astype(dtype)
+    return feeds
+
+
+def session(model: onnx.ModelProto, provider: str = "cpu"):
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise UsageError(f"unknown provider {provider!r} (choose from {', '.join(PROVIDERS)})")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        raise UsageError(f"provider {provider!r} is not available in this onnxruntime build")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=[PROVIDERS[provider]])
+    except Exception as e:
+        raise WidenError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
+
+
+def _shape_sets(model, shapes):
+    """The export shape, plus a second one with other dynamic sizes, so a model that only works
+    at one sequence length is caught."""
+    graph = Graph(model)
+    dynamic = any(not d.HasField("dim_value") for i in graph.inputs for d in i.type.tensor_type.shape.dim)
+    if shapes:
+        return [({}, shapes)]
+    sets = [({"batch": 2, "sequence": 7}, None)]
+    if dynamic:
+        sets.append(({"batch": 1, "sequence": 13}, None))
+    return sets
+
+
+def validate(small, wide, factor: int | None = None, shapes: dict | None = None, atol: float = ATOL, rtol: float = RTOL,
+             provider: str = "cpu", seed: int = 0) -> ValidationResult:
+    from .model_io import load_model
+
+    small = load_model(small) if not isinstance(small, onnx.ModelProto) else small
+    wide = load_model(wide) if not isinstance(wide, onnx.ModelProto) else wide
+    mapping = (read_mapping(wide) or {}).get("tensors")
+    s_small, s_wide = session(small, provider), session(wide, provider)
+    wide_inputs = {i.name for i in s_wide.get_inputs()}
+    result = ValidationResult(provider=provider, atol=atol, rtol=rtol)
+    worst: dict[str, OutputCheck] = {}
+    for k, (dims, fixed) in enumerate(_shape_sets(small, shapes)):
+        feeds = make_inputs(small, fixed, seed + k, dims)
+        result.input_shapes.append({n: list(v.shape) for n, v in feeds.items()})
+        wide_feeds = {}
+        for n, v in feeds.items():
+            if n not in wide_inputs:
+                raise WidenError(f"wide model has no input {n!r}")
+            entry = (mapping or {}).get(n)
+            wide_feeds[n] = widen_array(v, entry) if entry else v
+        try:
+            ref = s_small.run(None, feeds)
+            got = s_wide.run(None, wide_feeds)
+        except Exception as e:
+            raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
+        for o, a, b in zip(s_small.get_outputs(), ref, got):
+            entry = mapping.get(o.name) if mapping is not None else (post_convention(a.shape, b.shape, factor) if factor else None)
+            if entry is None and a.shape != b.shape:
+                raise WidenError(f"output {o.name!r}: shape {b.shape} of the wide model cannot be mapped to {a.shape}"
+                                 + ("" if factor else " (no mapping metadata: pass --factor)"))
+            small_b = unwiden(b, entry) if entry else b
+            if small_b.shape != a.shape:
+                raise WidenError(f"output {o.name!r}: un-widened shape {small_b.shape} differs from {a.shape}")
+            a64 = a.astype(np.float64)
+            err = np.abs(a64 - small_b)
+            max_abs = float(err.max()) if err.size else 0.0
+            scale = float(np.abs(a64).max()) if a64.size else 0.0
+            max_rel = max_abs / scale if scale > 0 else max_abs
+            bad = not np.isfinite(small_b).all() and np.isfinite(a64).all()
+            ok = (not bad) and max_abs <= atol + rtol * scale
+            prev = worst.get(o.name)
+            if prev is None or max_abs > prev.max_abs or not ok:
+                worst[o.name] = OutputCheck(o.name, tuple(a.shape), max_abs, max_rel, ok and (prev.ok if prev else True), entry is not None)
+    result.outputs = list(worst.values())
+    return result

@@ -1,0 +1,41 @@
+"""Activations. A non-linearity f needs its input at scale 1 unless f(c x) = c f(x)
+(WIDENING.md, Linear layer): the first group pins input and output scales to 1, the second
+passes the scale through. Elementwise, so width axes pass unchanged. GELU and SiLU, which
+exporters decompose, are recognised for the report."""
+from onnx_widen.match import OpPattern
+from onnx_widen.recognize import chain_from
+
+# f(c x) != c f(x): input must arrive at scale 1.
+NONLINEAR = ("Erf", "Tanh", "Sigmoid", "Exp", "Log", "Softplus", "Softsign", "Gelu", "FastGelu", "Elu", "Selu", "Celu",
+             "Mish", "HardSigmoid", "HardSwish", "Sin", "Cos", "Swish", "QuickGelu")
+# Positively homogeneous of degree 1: f(c x) = c f(x) for c > 0.
+HOMOGENEOUS = ("Relu", "LeakyRelu", "Neg", "Abs")
+
+
+def nonlinear(an, node):
+    x, out = node.input[0], node.output[0]
+    an.set(out, an.ax(x))
+    an.scale.fix(x, an.name(node))
+    an.scale.fix(out, an.name(node))
+
+
+def homogeneous(an, node):
+    x, out = node.input[0], node.output[0]
+    an.set(out, an.ax(x))
+    an.scale.equal(out, x, an.name(node))
+
+
+PATTERNS = [
+    OpPattern("activation", NONLINEAR, nonlinear),
+    OpPattern("activation", ("FastGelu", "QuickGelu", "Gelu"), nonlinear, domain="com.microsoft"),
+    OpPattern("activation (homogeneous)", HOMOGENEOUS, homogeneous),
+]
+
+RECOGNIZERS = [
+    chain_from("gelu (erf)", "Erf", [("Div", 0)]),
+    chain_from("gelu (erf)", "Erf", [("Mul", None)]),
+    chain_from("gelu (tanh)", "Tanh", [("Mul", None), ("Add", None), ("Mul", None), ("Pow", 0)]),
+    chain_from("gelu (tanh)", "Tanh", [("Mul", None), ("Add", None), ("Mul", None), ("Mul", None)]),
+    chain_from("silu", "Sigmoid", []),
+    chain_from("tanh", "Tanh", []),
+]

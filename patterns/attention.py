@@ -1,0 +1,116 @@
+"""Attention core: scores = (q * s_q) @ (k^T * s_k) [* s | / s] [+ mask] -> Softmax -> @ v.
+
+The product of two tracked tensors sums over the head size, so its scale gains the copies of
+that axis; the softmax pins the scores back to scale 1, and the least-squares split puts
+k**-0.25 on each of q and k (WIDENING.md, Attention). A scalar on the score path that equals
+head_size**p (p in +-1/2, +-1/4) is the softmax scale: it takes the wide head size's value.
+Scales computed at run time from Shape(q) need nothing here: the wide graph computes them.
+"""
+import math
+
+from onnx_widen.analysis import Match
+from onnx_widen.graph import attr
+from onnx_widen.match import OpPattern, broadcast_axes, is_constlike, scalar_value
+from onnx_widen.scales import Term
+
+# Ops that carry q or k between the projection and the score product without changing values' meaning.
+_LAYOUT = ("Transpose", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
+_EXPONENTS = {"Mul": (-0.5, -0.25), "Div": (0.5, 0.25)}
+
+
+def _both_tracked(an, node):
+    return an.tracked(node.input[0]) and an.tracked(node.input[1])
+
+
+def product(an, node):
+    a, b, out = node.input[0], node.input[1], node.output[0]
+    ra, rb = an.ax(a), an.ax(b)
+    if len(ra) < 2 or len(rb) < 2:
+        an.fail(node, "matrix product of rank < 2 tracked tensors")
+    contracted = an.unify(ra[-1], rb[-2], node)
+    batch = broadcast_axes_for(an, node, ra[:-2], rb[:-2])
+    for s in batch:
+        if s is not None:
+            s.find().tags.add("heads")
+    an.set(out, tuple(batch) + (ra[-2], rb[-1]))
+    terms = [Term("copies", contracted)] if contracted is not None else []
+    an.scale.relation({out: 1.0, a: -1.0, b: -1.0}, an.name(node), *terms)
+    if contracted is not None:
+        _find_scale_constants(an, node, contracted)
+
+
+def broadcast_axes_for(an, node, xa, xb):
+    n = max(len(xa), len(xb))
+    xa = (None,) * (n - len(xa)) + tuple(xa)
+    xb = (None,) * (n - len(xb)) + tuple(xb)
+    return [an.unify(p, q, node) for p, q in zip(xa, xb)]
+
+
+def _find_scale_constants(an, node, head_sym):
+    """Record scalar Mul/Div constants on the q side, the k side and after the product."""
+    dh = head_sym.find().size
+    found = []
+    for side in (node.input[0], node.input[1]):
+        found += _walk_back(an, side, dh, quarter=True)
+    after = _single_consumer(an, node.output[0])
+    if after is not None and after.op_type in _EXPONENTS:
+        found += _scalar_of(an, after, dh, (_EXPONENTS[after.op_type][0],))
+    forms = []
+    for n, idx, p in found:
+        an.scale_consts.append({"node": n, "index": idx, "exponent": p, "head": head_sym})
+        forms.append(f"{n.op_type}(head_size**{p:+g})")
+    heads = [s.find().size for s in an.ax(node.output[0])[:-2] if s is not None]
+    an.matches.append(Match("attention", [an.name(node)], {
+        "head_size": dh, "heads": heads[-1] if heads else None,
+        "scale": " and ".join(forms) if forms else "none or computed at run time",
+    }))
+
+
+def _walk_back(an, name, dh, quarter):
+    out = []
+    while True:
+        p = an.graph.producer.get(name)
+        if p is None:
+            return out
+        if p.op_type in _EXPONENTS:
+            out += _scalar_of(an, p, dh, (_EXPONENTS[p.op_type][1],) if quarter else (_EXPONENTS[p.op_type][0],))
+            name = p.input[0] if an.tracked(p.input[0]) else p.input[1]
+        elif p.op_type in _LAYOUT:
+            name = p.input[0]
+        else:
+            return out
+
+
+def _scalar_of(an, node, dh, exponents):
+    for idx in (1, 0) if node.op_type == "Mul" else (1,):
+        name = node.input[idx]
+        if an.tracked(name) or not is_constlike(an, name):
+            continue
+        v = scalar_value(an, name)
+        if v is None or v <= 0:
+            continue
+        for p in exponents:
+            if math.isclose(v, dh ** p, rel_tol=1e-4):
+                return [(node, idx, p)]
+    return []
+
+
+def _single_consumer(an, name):
+    cs = an.graph.consumers.get(name, [])
+    return cs[0] if len(cs) == 1 else None
+
+
+def softmax(an, node):
+    x, out = node.input[0], node.output[0]
+    axis = attr(node, "axis", -1) % len(an.shape(x))
+    if an.ax(x)[axis] is not None:
+        an.fail(node, "softmax over a widened axis changes its result")
+    an.set(out, an.ax(x))
+    an.scale.fix(x, an.name(node))
+    an.scale.fix(out, an.name(node))
+
+
+PATTERNS = [
+    OpPattern("attention product", ("MatMul",), product, when=_both_tracked),
+    OpPattern("softmax", ("Softmax", "LogSoftmax"), softmax),
+]

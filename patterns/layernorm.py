@@ -1,0 +1,52 @@
+"""LayerNorm, as the LayerNormalization op and as its decomposition.
+
+The op: mean and variance of R(x) equal those of x, so gamma and beta repeat and epsilon stays;
+if the input arrives at scale a, epsilon takes a**2 (the orthogonal scheme's eps/k). The
+decomposed chain (ReduceMean, Sub, Pow 2, ReduceMean, Add eps, Sqrt, Div, Mul gamma, Add beta)
+needs no rule of its own: the elementwise patterns give eps the scale of the variance and gamma
+the free output scale. It is recognised here only so that `inspect` can name it.
+"""
+from onnx_widen.analysis import AttrUse, Match
+from onnx_widen.graph import attr
+from onnx_widen.match import OpPattern, const_source, width_param_axes
+from onnx_widen.recognize import chain_from
+
+
+# Keeping a norm's input at the residual scale keeps its epsilon canonical: weigh it heavily.
+NORM_INPUT_WEIGHT = 1e3
+
+
+def norm_op(an, node, params=("gamma", "beta"), kind="layernorm"):
+    x, out = node.input[0], node.output[0]
+    rank = len(an.shape(x))
+    axis = attr(node, "axis", -1) % rank
+    xa = an.ax(x)
+    an.set(out, xa)
+    for idx, role in enumerate(params, start=1):
+        if len(node.input) > idx and node.input[idx]:
+            name = node.input[idx]
+            axes = width_param_axes(an, name, xa)
+            src = const_source(an, name)
+            if axes is None:
+                continue
+            if src is None or src[1] is not None:
+                an.fail(node, f"{role} must be a constant")
+            an.param(src[0], node, axes, {out: 1.0}, role=role)
+    if any(o for o in node.output[1:]):
+        an.fail(node, "mean / inverse-std outputs are not supported")
+    an.attrs.append(AttrUse(node, "epsilon", {x: 2.0}))
+    an.scale.prefer(out, an.name(node))
+    an.scale.prefer(x, an.name(node), weight=NORM_INPUT_WEIGHT)
+    an.matches.append(Match(kind, [an.name(node)], {"epsilon": attr(node, "epsilon", 1e-5), "dim": an.shape(x)[-1]}))
+
+
+def layer_norm(an, node):
+    norm_op(an, node)
+
+
+PATTERNS = [OpPattern("layernorm", ("LayerNormalization",), layer_norm)]
+
+# ReduceMean -> Sub -> Pow -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul(gamma) -> Add(beta), read backwards from Div.
+RECOGNIZERS = [
+    chain_from("layernorm (decomposed)", "Div", [("Sqrt", 1), ("Add", 0), ("ReduceMean", None), ("Pow", 0), ("Sub", 0)]),
+]

@@ -1,0 +1,60 @@
+"""Linear layers: MatMul(x, W) [+ bias, matched as an Add] and Gemm(x, W, C), the weight
+possibly behind a Transpose, Identity or Cast. A weight that is also an embedding table is a
+tied output head: its output axis is the vocabulary, and WIDENING.md's tied-head factor applies.
+"""
+from onnx_widen.analysis import Match
+from onnx_widen.graph import attr
+from onnx_widen.match import OpPattern, const_source, source_axes, source_read_axes, width_param_axes
+from onnx_widen.scales import Term
+
+
+def _weight(an, node):
+    if len(node.input) < 2 or not an.tracked(node.input[0]) or an.tracked(node.input[1]):
+        return None
+    src = const_source(an, node.input[1])
+    if src is None or len(an.shape(node.input[1])) != 2:
+        return None
+    if node.op_type == "Gemm" and attr(node, "transA", 0):
+        return None
+    return src
+
+
+def _tied_lookup(an, table):
+    """Output of an embedding Gather reading the same table, if any."""
+    for c in an.graph.consumers.get(table, []):
+        if c.op_type == "Gather" and c.input[0] == table and an.tracked(c.output[0]):
+            return c.output[0]
+    return None
+
+
+def linear(an, node):
+    x, w, out = node.input[0], node.input[1], node.output[0]
+    src, perm = _weight(an, node)
+    trans_b = node.op_type == "Gemm" and attr(node, "transB", 0)
+    view = an.shape(w)
+    d_in, d_out = (view[1], view[0]) if trans_b else view
+    in_sym = an.ax(x)[-1]
+    tied = _tied_lookup(an, src) if (perm is not None or trans_b) else None
+    where = an.name(node)
+    if tied is not None:
+        out_sym = None  # the table's first axis: vocabulary, never widened
+    else:
+        out_sym = an.new_sym(d_out, node, tags={"linear_out"})
+        an.born.append((out_sym, out))
+    an.set(out, an.ax(x)[:-1] + (out_sym,))
+    view_axes, read = ((out_sym, in_sym), {1}) if trans_b else ((in_sym, out_sym), {0})
+    an.param(src, node, source_axes(view_axes, perm), {out: 1.0, x: -1.0},
+             read_axes=source_read_axes(read if in_sym is not None else set(), perm), role="weight")
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+        bias_axes = width_param_axes(an, node.input[2], an.ax(out))
+        if bias_axes is not None:
+            an.param(node.input[2], node, bias_axes, {out: 1.0}, role="bias")
+    if tied is not None:
+        # Same tensor as the table: exp(s_out - s_x) / copies == exp(s_lookup)  (WIDENING.md, tied head)
+        an.scale.relation({out: 1.0, x: -1.0, tied: -1.0}, where, Term("copies", in_sym))
+    else:
+        an.scale.prefer(out, where)
+    an.matches.append(Match("linear", [where], {"weight": src, "in": d_in, "out": d_out, "op": node.op_type, "tied": tied is not None}))
+
+
+PATTERNS = [OpPattern("linear", ("MatMul", "Gemm"), linear, when=lambda an, n: _weight(an, n) is not None)]

@@ -1,0 +1,207 @@
+"""Layout ops and the integer constants that shape them.
+
+Head split/merge Reshapes, Transposes, Squeeze/Unsqueeze, Expand: width axes move with the
+data. A Reshape regroups axes; a width dimension split into several becomes a product
+(heads x head_size), so each factor gets its own layout, and each entry of the shape operand
+is checked by its role: an entry that carries width takes the wide size, every other entry
+(batch, sequence, heads, -1, 0) keeps its value. Nothing is ever rewritten because it equals
+some number. Slice/Split/Gather/Concat along a non-width axis pass width through; along a
+width axis they need a pattern that knows the layout (fused QKV, RoPE) and are refused here.
+"""
+import numpy as np
+
+from onnx_widen import dims as D
+from onnx_widen.analysis import ShapeUse
+from onnx_widen.graph import attr
+from onnx_widen.match import OpPattern, axes_arg, broadcast_axes
+
+# Integer operands read as shapes, sizes or indices. Unless a pattern states the wide value by
+# role (ShapeUse), the plan checks that the wide graph computes the same value as the small one.
+SHAPE_SLOTS = {
+    "Reshape": (1,), "Expand": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2), "Tile": (1,),
+    "Slice": (1, 2, 3, 4), "Split": (1,), "Pad": (1,), "Gather": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
+    "OneHot": (1,), "TopK": (1,), "Resize": (3,), "Trilu": (1,),
+}
+
+
+def transpose(an, node):
+    x = node.input[0]
+    xa = an.ax(x)
+    perm = attr(node, "perm", list(range(len(xa)))[::-1])
+    an.set(node.output[0], [xa[p] for p in perm])
+    an.scale.equal(node.output[0], x, an.name(node))
+
+
+def unsqueeze(an, node):
+    x, out = node.input[0], node.output[0]
+    axes = axes_arg(an, node)
+    rank = len(an.shape(out))
+    axes = {a % rank for a in axes}
+    it = iter(an.ax(x))
+    an.set(out, [None if i in axes else next(it) for i in range(rank)])
+    an.scale.equal(out, x, an.name(node))
+
+
+def squeeze(an, node):
+    x, out = node.input[0], node.output[0]
+    xs = an.shape(x)
+    axes = axes_arg(an, node)
+    axes = {a % len(xs) for a in axes} if axes is not None else {i for i, n in enumerate(xs) if n == 1}
+    an.set(out, [a for i, a in enumerate(an.ax(x)) if i not in axes])
+    an.scale.equal(out, x, an.name(node))
+
+
+def _groups(ins, outs):
+    """Pair consecutive runs of axes whose sizes multiply to the same number."""
+    groups, i, j = [], 0, 0
+    while i < len(ins) or j < len(outs):
+        gi, gj = [], []
+        pi = pj = 1
+        if i < len(ins):
+            gi.append(i); pi *= ins[i]; i += 1
+        if j < len(outs):
+            gj.append(j); pj *= outs[j]; j += 1
+        while pi != pj:
+            if pi < pj and i < len(ins):
+                gi.append(i); pi *= ins[i]; i += 1
+            elif pj < pi and j < len(outs):
+                gj.append(j); pj *= outs[j]; j += 1
+            else:
+                return None
+        # Trailing size-1 axes join the current group.
+        while i < len(ins) and ins[i] == 1 and (j >= len(outs) or outs[j] != 1):
+            gi.append(i); i += 1
+        while j < len(outs) and outs[j] == 1 and (i >= len(ins) or ins[i] != 1):
+            gj.append(j); j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def regroup(an, node, x, out):
+    """Map width axes of x onto the axes of out, which holds the same elements in order."""
+    xs, os_ = an.shape(x), an.shape(out)
+    xa = an.ax(x)
+    groups = _groups(list(xs), list(os_))
+    if groups is None:
+        an.fail(node, f"cannot relate shapes {xs} and {os_}")
+    out_axes = [None] * len(os_)
+    where = an.name(node)
+    for gi, gj in groups:
+        syms = [xa[i] for i in gi if xa[i] is not None]
+        if not syms:
+            continue
+        big_in = [i for i in gi if xs[i] != 1]
+        big_out = [j for j in gj if os_[j] != 1]
+        if len(big_in) == 1 and len(big_out) == 1:
+            out_axes[big_out[0]] = xa[big_in[0]]
+        elif len(big_in) == 1:
+            for j, s in zip(big_out, D.split(xa[big_in[0]], [os_[j] for j in big_out], where)):
+                out_axes[j] = s
+        elif len(big_out) == 1:
+            out_axes[big_out[0]] = D.merge([xa[i] for i in big_in], [xs[i] for i in big_in], where)
+        else:
+            an.fail(node, f"regrouping {[xs[i] for i in big_in]} into {[os_[j] for j in big_out]} mixes width axes")
+    return out_axes
+
+
+def reshape(an, node):
+    x, out = node.input[0], node.output[0]
+    an.set(out, regroup(an, node, x, out))
+    an.scale.equal(out, x, an.name(node))
+    if node.op_type == "Reshape":
+        allowzero = attr(node, "allowzero", 0)
+
+        def required(plan, node=node, out=out, allowzero=allowzero):
+            small = an.value(node.input[1])
+            if small is None:
+                return None
+            wide = plan.wide_shape(out)
+            return np.array([v if v == -1 or (v == 0 and not allowzero) else wide[i] for i, v in enumerate(small)], dtype=np.int64)
+
+        an.shape_uses.append(ShapeUse(node, 1, required))
+
+
+def expand(an, node):
+    x, out = node.input[0], node.output[0]
+    axes = broadcast_axes(an, node, [x])
+    an.set(out, axes)
+    an.scale.equal(out, x, an.name(node))
+
+    def required(plan, node=node, out=out, x=x):
+        small = an.value(node.input[1])
+        if small is None:
+            return None
+        wide = plan.wide_shape(out)
+        off = len(wide) - len(small)
+        return np.array([wide[off + i] if an.ax(out)[off + i] is not None and v != 1 else v for i, v in enumerate(small)], dtype=np.int64)
+
+    an.shape_uses.append(ShapeUse(node, 1, required))
+
+
+def _along(an, node, data, axis):
+    if an.ax(data)[axis % len(an.shape(data))] is not None:
+        an.fail(node, f"{node.op_type} along a widened axis needs a layout-aware pattern (fused QKV, RoPE)")
+
+
+def slice_(an, node):
+    x = node.input[0]
+    axes = an.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    rank = len(an.shape(x))
+    axes = range(rank) if axes is None else [int(a) for a in np.atleast_1d(axes)]
+    xs, os_ = an.shape(x), an.shape(node.output[0])
+    for a in axes:
+        if xs[a % rank] != os_[a % rank]:
+            _along(an, node, x, a)
+    an.set(node.output[0], an.ax(x))
+    an.scale.equal(node.output[0], x, an.name(node))
+
+
+def split(an, node):
+    x = node.input[0]
+    _along(an, node, x, attr(node, "axis", 0))
+    for o in node.output:
+        if o:
+            an.set(o, an.ax(x))
+            an.scale.equal(o, x, an.name(node))
+
+
+def gather(an, node):
+    x, idx, out = node.input[0], node.input[1], node.output[0]
+    axis = attr(node, "axis", 0) % len(an.shape(x))
+    _along(an, node, x, axis)
+    xa = an.ax(x)
+    an.set(out, xa[:axis] + (None,) * len(an.shape(idx)) + xa[axis + 1:])
+    an.scale.equal(out, x, an.name(node))
+
+
+def concat(an, node):
+    out = node.output[0]
+    axis = attr(node, "axis", 0) % len(an.shape(out))
+    for name in node.input:
+        if an.tracked(name):
+            _along(an, node, name, axis)
+    axes = broadcast_axes(an, node, node.input)
+    an.set(out, axes)
+    for name in node.input:
+        if an.tracked(name):
+            an.scale.equal(out, name, an.name(node))
+        else:
+            an.scale.fix(out, an.name(node))
+
+
+def shape_of(an, node):
+    """Shape/Size of a tracked tensor: an integer result, checked where it is consumed."""
+
+
+PATTERNS = [
+    OpPattern("layout", ("Transpose",), transpose),
+    OpPattern("layout", ("Unsqueeze",), unsqueeze),
+    OpPattern("layout", ("Squeeze",), squeeze),
+    OpPattern("head split/merge", ("Reshape", "Flatten"), reshape),
+    OpPattern("broadcast", ("Expand",), expand),
+    OpPattern("slice", ("Slice",), slice_),
+    OpPattern("split", ("Split",), split),
+    OpPattern("gather", ("Gather",), gather),
+    OpPattern("concat", ("Concat",), concat),
+    OpPattern("shape", ("Shape", "Size"), shape_of),
+]
