@@ -148,3 +148,16 @@ def test_api_matches_cli(tmp_path):
     assert res.ok and {o.name for o in res.outputs} == {"prediction_logits", "seq_relationship_logits", "last_hidden_state"}
     an = onnx_widen.inspect(BERT)
     assert not an.uncovered and sum(m.kind == "linear" for m in an.matches) == 2 * 6 + 4  # q k v o up down per layer; pooler, NSP, MLM dense, tied decoder
+
+
+def test_uncovered_op_is_a_model_error_naming_the_node(tmp_path):
+    from minigraph import build
+
+    src = tmp_path / "cumsum.onnx"
+    onnx.save(build(uncovered=True), str(src))
+    out = tmp_path / "o.onnx"
+    code, _, err = cli("widen", str(src), "-o", str(out))
+    assert code == 1 and "n_cumsum" in err and "CumSum" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    code, stdout, _ = cli("inspect", str(src))
+    assert code == 1 and "n_cumsum" in stdout
