@@ -29,9 +29,10 @@ def _float_scalars(model):
 
 @pytest.mark.parametrize("scale", ["mul", "div", "split", "runtime"])
 @pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("layers", [1, 3])
 @pytest.mark.parametrize("k", [2, 3])
-def test_scale_forms(scale, static, k):
-    err, wide = _function_error(build(scale=scale, static=static), k)
+def test_scale_forms(scale, static, k, layers):
+    err, wide = _function_error(build(scale=scale, static=static, layers=layers), k)
     assert err < 1e-5
     s = _float_scalars(wide)
     dh_wide = 8 * k

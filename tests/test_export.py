@@ -1,0 +1,60 @@
+"""Real exports of configs the samples do not cover (other sizes, opset 15, a sequence length
+equal to the head size, ELECTRA with embedding size != hidden size). Skipped without torch."""
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from onnx_widen import widen  # noqa: E402
+from onnx_widen.apply import read_mapping  # noqa: E402
+from onnx_widen.validation import make_inputs  # noqa: E402
+
+from conftest import max_rel_error, run  # noqa: E402
+
+
+def _perturb(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def _export(model, path, dynamo, opset, batch=2, seq=16, vocab=100):
+    import onnx
+
+    ids = torch.randint(0, vocab, (batch, seq))
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    kw = dict(input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=opset, dynamo=dynamo)
+    if not dynamo:
+        kw["dynamic_axes"] = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (ids, mask), str(path), **kw)
+    return onnx.load(str(path))
+
+
+CASES = {
+    # head size 16 == sequence length 16, 3 heads: a value-based rewriter breaks the sequence axis.
+    "bert_h48_seq_eq_dh": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
+        max_position_embeddings=200, num_labels=5, attn_implementation="eager")),
+    "electra_embed_ne_hidden": lambda: transformers.ElectraForTokenClassification(transformers.ElectraConfig(
+        vocab_size=100, embedding_size=32, hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=200, num_labels=3)),
+}
+
+
+@pytest.mark.parametrize("dynamo,opset", [(False, 15), (True, 18)])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_unseen_export_widens_exactly(tmp_path, case, dynamo, opset):
+    torch.manual_seed(0)
+    small = _export(_perturb(CASES[case]()), tmp_path / "m.onnx", dynamo, opset)
+    for k in (2, 3):
+        wide = widen(small, factor=k)
+        feeds = make_inputs(small, seed=k)
+        err = max_rel_error(run(small, feeds), run(wide, feeds), read_mapping(wide)["tensors"])
+        assert err < 2e-5, f"{case} k={k}: {err:.3g}"
