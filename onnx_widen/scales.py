@@ -80,47 +80,95 @@ class ScaleSystem:
     def _solve(self, ctx, residual_log, tracked, as_constraints):
         hard = [Constraint({p.tensor: 1.0}, [Term("const", residual_log)], p.where) for p in as_constraints]
         soft = [p for p in self.prefs if not any(p is q for q in as_constraints)]
-        constraints = self.constraints + hard
-        names = sorted({t for c in constraints for t in c.coefs} | {p.tensor for p in soft})
-        names = [n for n in names if n in tracked]
-        idx = {n: i for i, n in enumerate(names)}
-        rows, rhs, wheres = [], [], []
-        for c in constraints:
-            row = np.zeros(len(names))
-            for t, v in c.coefs.items():
-                if t in idx:
-                    row[idx[t]] += v  # untracked tensors have scale 1 (log 0)
+        # Most constraints say x_a = x_b + c: fold them into classes first (union-find with offsets),
+        # so the least-squares system has one unknown per class, not one per tensor.
+        uf = _OffsetUnionFind()
+        rows_in = []
+        for c in self.constraints + hard:
+            coefs = {t: v for t, v in c.coefs.items() if t in tracked and v != 0.0}
             b = sum(term.eval(ctx) for term in c.terms)
-            if not row.any():
+            if not coefs:
                 if abs(b) > 1e-9:
                     raise WidenError(f"{c.where}: requires a scale factor of {math.exp(b):.6g} on an unscaled tensor")
                 continue
+            if len(coefs) == 2 and sorted(coefs.values()) == [-1.0, 1.0]:
+                (a_, _), (b_, _) = sorted(coefs.items(), key=lambda kv: -kv[1])
+                if uf.union(a_, b_, b):
+                    continue
+                raise WidenError(f"{c.where}: the scale constraints of this node contradict others; "
+                                 "a width path mixes tensors that cannot carry the same scale")
+            rows_in.append((coefs, b, c.where))
+        roots = sorted({uf.find(t)[0] for coefs, _, _ in rows_in for t in coefs} | {uf.find(p.tensor)[0] for p in soft if p.tensor in tracked})
+        idx = {r: i for i, r in enumerate(roots)}
+        n = len(roots)
+        rows, rhs, wheres = [], [], []
+        for coefs, b, where in rows_in:
+            row = np.zeros(n)
+            for t, v in coefs.items():
+                r, off = uf.find(t)
+                row[idx[r]] += v
+                b -= v * off
             rows.append(row)
             rhs.append(b)
-            wheres.append(c.where)
-        n = len(names)
-        if n == 0:
-            return {}
-        A = np.array(rows).reshape(-1, n)
-        b = np.array(rhs)
-        P = np.zeros((n, n))
-        q = np.zeros(n)
-        for p in soft:
-            if p.tensor in idx:
-                i = idx[p.tensor]
-                P[i, i] += p.weight
-                q[i] += p.weight * residual_log
-        # Variables neither preferred nor pinned get a tiny pull to 0 so the system stays regular.
-        P += np.eye(n) * 1e-9
-        m = A.shape[0]
-        K = np.block([[2 * P, A.T], [A, np.zeros((m, m))]])
-        sol, *_ = np.linalg.lstsq(K, np.concatenate([2 * q, b]), rcond=None)
-        x = sol[:n]
-        resid = A @ x - b
-        bad = np.flatnonzero(np.abs(resid) > 1e-6)
-        if bad.size:
-            raise WidenError(
-                f"{wheres[bad[0]]}: the scale constraints of this node contradict others (off by a factor {math.exp(resid[bad[0]]):.6g}); "
-                "a width path mixes tensors that cannot carry the same scale"
-            )
-        return {name: float(x[i]) for name, i in idx.items()}
+            wheres.append(where)
+        x = np.zeros(n)
+        if n:
+            A = np.array(rows).reshape(-1, n)
+            bb = np.array(rhs)
+            P = np.eye(n) * 1e-9  # classes neither preferred nor pinned get a tiny pull to 0
+            q = np.zeros(n)
+            for p in soft:
+                if p.tensor in tracked:
+                    r, off = uf.find(p.tensor)
+                    P[idx[r], idx[r]] += p.weight
+                    q[idx[r]] += p.weight * (residual_log - off)
+            m = A.shape[0]
+            K = np.block([[2 * P, A.T], [A, np.zeros((m, m))]])
+            sol, *_ = np.linalg.lstsq(K, np.concatenate([2 * q, bb]), rcond=None)
+            x = sol[:n]
+            resid = A @ x - bb
+            bad = np.flatnonzero(np.abs(resid) > 1e-6)
+            if bad.size:
+                raise WidenError(
+                    f"{wheres[bad[0]]}: the scale constraints of this node contradict others (off by a factor {math.exp(resid[bad[0]]):.6g}); "
+                    "a width path mixes tensors that cannot carry the same scale"
+                )
+        out = {}
+        for t in uf.members() | {t for p in soft for t in [p.tensor] if t in tracked}:
+            r, off = uf.find(t)
+            out[t] = float(x[idx[r]] + off) if r in idx else float(off)
+        return out
+
+
+class _OffsetUnionFind:
+    """x_t = x_root + offset; union(a, b, c) records x_a = x_b + c, False if it contradicts."""
+
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+        self.off: dict[str, float] = {}
+
+    def find(self, t):
+        if t not in self.parent:
+            self.parent[t], self.off[t] = t, 0.0
+            return t, 0.0
+        path, total = [], 0.0
+        while self.parent[t] != t:
+            path.append(t)
+            t = self.parent[t]
+        root = t
+        acc = 0.0
+        for node in reversed(path):  # compress: offsets to the root
+            acc += self.off[node]
+            self.off[node], self.parent[node] = acc, root
+        return root, (self.off[path[0]] if path else 0.0)
+
+    def union(self, a, b, c) -> bool:
+        ra, oa = self.find(a)
+        rb, ob = self.find(b)
+        if ra == rb:
+            return abs(oa - ob - c) < 1e-9
+        self.parent[ra], self.off[ra] = rb, c - oa + ob
+        return True
+
+    def members(self):
+        return set(self.parent)

@@ -161,3 +161,23 @@ def test_uncovered_op_is_a_model_error_naming_the_node(tmp_path):
     assert not out.exists()
     code, stdout, _ = cli("inspect", str(src))
     assert code == 1 and "n_cumsum" in stdout
+
+
+@pytest.mark.parametrize("location", ["../../etc/passwd", "/etc/passwd", "missing.bin"])
+def test_external_data_outside_folder_or_missing(tmp_path, location):
+    from onnx.external_data_helper import set_external_data
+
+    m = onnx.load(BERT)
+    t = m.graph.initializer[0]
+    set_external_data(t, location=location)
+    t.ClearField("raw_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    sub = tmp_path / "a" / "b"
+    sub.mkdir(parents=True)
+    src = sub / "m.onnx"
+    onnx.save(m, str(src))
+    out = sub / "o.onnx"
+    code, _, err = cli("widen", str(src), "-o", str(out))
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert ("outside the model's folder" in err) if location != "missing.bin" else ("missing" in err)
+    assert not out.exists()
