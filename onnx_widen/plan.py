@@ -59,6 +59,7 @@ class Plan:
     scales: dict = field(default_factory=dict)
     io: dict = field(default_factory=dict)  # graph input/output name -> mapping json
     notes: list = field(default_factory=list)  # departures from the canonical wide config
+    wide_values: dict = field(default_factory=dict)  # shape-domain values evaluated in the wide world
 
     # ---- layouts -----------------------------------------------------------------------------
     def layout(self, sym) -> D.Layout:

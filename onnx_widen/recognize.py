@@ -26,14 +26,14 @@ def parent_path(an, node, path):
     return found
 
 
-def chain_from(kind, anchor_op, path, info=None):
+def chain_from(kind, anchor_op, path, info=None, reject=None):
     def recognize(an):
         out = []
         for node in an.graph.nodes:
             if node.op_type != anchor_op or an.name(node) not in an.claims:
                 continue
             nodes = parent_path(an, node, path)
-            if nodes is None:
+            if nodes is None or (reject is not None and reject(an, nodes)):
                 continue
             for n in nodes:
                 an.claims[an.name(n)] = kind

@@ -176,11 +176,9 @@ def _run_node(node, args):
     feeds = {f"i{k}": a for k, a in enumerate(args) if a is not None}
     in_vi = [helper.make_tensor_value_info(f"i{k}", helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for k, a in enumerate(args) if a is not None]
     out_vi = [helper.make_empty_tensor_value_info(f"o{k}") for k in range(len(node.output))]
-    m = helper.make_model(helper.make_graph([n2], "n", in_vi, out_vi), opset_imports=[helper.make_opsetid("", 18 if node.op_type not in _OPSET_KEEP else 21)])
+    m = helper.make_model(helper.make_graph([n2], "n", in_vi, out_vi), opset_imports=[helper.make_opsetid("", 18)])
     return ReferenceEvaluator(m).run(None, feeds)
 
-
-_OPSET_KEEP: set = set()
 
 
 def _unsqueeze(node, x, axes=None):

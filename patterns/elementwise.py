@@ -17,10 +17,6 @@ from onnx_widen.scales import Term
 from onnx_widen.graph import attr
 
 
-def _consts(an, node):
-    return [(i, n) for i, n in enumerate(node.input) if n and not an.tracked(n) and is_constlike(an, n)]
-
-
 def _tracked(an, node):
     return [n for n in node.input if n and an.tracked(n)]
 

@@ -13,7 +13,13 @@ def rms_norm(an, node):
 
 PATTERNS = [OpPattern("rmsnorm", ("SimplifiedLayerNormalization", "RMSNormalization"), rms_norm)]
 
+def _mean_centred(an, nodes):
+    """Pow(x - mean, 2) is a LayerNorm's variance, not a root mean square."""
+    p = an.graph.producer.get(nodes[-1].input[0])
+    return p is not None and p.op_type == "Sub"
+
+
 RECOGNIZERS = [
-    chain_from("rmsnorm (decomposed)", "Reciprocal", [("Sqrt", 0), ("Add", None), ("ReduceMean", None), ("Pow", 0)]),
-    chain_from("rmsnorm (decomposed)", "Div", [("Sqrt", 1), ("Add", None), ("ReduceMean", None), ("Pow", 0)]),
+    chain_from("rmsnorm (decomposed)", "Reciprocal", [("Sqrt", 0), ("Add", None), ("ReduceMean", None), ("Pow", 0)], reject=_mean_centred),
+    chain_from("rmsnorm (decomposed)", "Div", [("Sqrt", 1), ("Add", None), ("ReduceMean", None), ("Pow", 0)], reject=_mean_centred),
 ]

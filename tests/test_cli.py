@@ -181,3 +181,9 @@ def test_external_data_outside_folder_or_missing(tmp_path, location):
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert ("outside the model's folder" in err) if location != "missing.bin" else ("missing" in err)
     assert not out.exists()
+
+
+def test_inspect_names_decomposed_layernorm():
+    code, stdout, _ = cli("inspect", str(SAMPLES / "bert" / "bert_ts14.onnx"), "--json")
+    kinds = [m["kind"] for m in json.loads(stdout)["matches"]]
+    assert code == 0 and kinds.count("layernorm (decomposed)") == 6 and "rmsnorm (decomposed)" not in kinds
