@@ -81,6 +81,7 @@ class Analysis:
         self.born: list[tuple] = []  # (Sym, tensor) for dims created by a linear layer's output
         self.scale_consts: list[dict] = []  # attention scale constants and their exponent of head size
         self.uncovered: list[tuple] = []
+        self.identity_required: list[tuple] = []  # (Sym, node, untracked input) that must keep their size
 
     # ---- queries used by patterns ----------------------------------------------------------
     def tracked(self, name: str) -> bool:

@@ -17,13 +17,14 @@ _ids = itertools.count()
 
 
 class Sym:
-    __slots__ = ("id", "size", "parent", "factors", "tags", "origin")
+    __slots__ = ("id", "size", "parent", "factors", "parts", "tags", "origin")
 
     def __init__(self, size: int, origin: str, tags=()):
         self.id = next(_ids)
         self.size = int(size)
         self.parent = self
         self.factors: list | None = None  # list of Sym (a merged axis such as heads x head_dim)
+        self.parts: list | None = None  # list of Sym laid end to end (fused q|k|v, rotary halves)
         self.tags = set(tags)
         self.origin = origin
 
@@ -39,7 +40,8 @@ class Sym:
     def __repr__(self):
         r = self.find()
         f = f"={'x'.join(repr(x) for x in r.factors)}" if r.factors else ""
-        return f"S{r.id}({r.size}{f})"
+        p = f"={'|'.join(repr(x) for x in r.parts)}" if r.parts else ""
+        return f"S{r.id}({r.size}{f}{p})"
 
 
 def unify(a: Sym, b: Sym, where: str) -> Sym:
@@ -48,14 +50,85 @@ def unify(a: Sym, b: Sym, where: str) -> Sym:
         return ra
     if ra.size != rb.size:
         raise WidenError(f"{where}: width dimensions {ra!r} and {rb!r} must be equal but have sizes {ra.size} and {rb.size}")
+    if (ra.factors and rb.parts) or (ra.parts and rb.factors):
+        raise WidenError(f"{where}: {ra!r} and {rb!r} are structured incompatibly (a product and a concatenation)")
     fa, fb = ra.factors, rb.factors
+    pa, pb = ra.parts, rb.parts
     rb.parent = ra
     ra.tags |= rb.tags
     if fa is None:
         ra.factors = fb
     elif fb is not None:
         _unify_factor_lists(fa, fb, where)
+    if pa is None:
+        ra.parts = pb
+    elif pb is not None:
+        _unify_parts(ra, pa, pb, where)
     return ra
+
+
+def _cuts(parts):
+    out, c = [], 0
+    for p in parts:
+        c += p.find().size
+        out.append(c)
+    return out
+
+
+def _unify_parts(root, pa, pb, where):
+    common = sorted(set(_cuts(pa)) | set(_cuts(pb)))
+    fa = cut_parts(pa, common, where)
+    fb = cut_parts(pb, common, where)
+    for x, y in zip(fa, fb):
+        unify(x, y, where)
+    root.find().parts = [x.find() for x in fa]
+
+
+def cut_parts(parts, cuts, where):
+    """Refine a list of parts so that it has a boundary at every cut (cuts are cumulative ends)."""
+    out, start = [], 0
+    for p in parts:
+        p = p.find()
+        end = start + p.size
+        inner = [c - start for c in cuts if start < c < end]
+        if inner:
+            sizes = [b - a for a, b in zip([0] + inner, inner + [p.size])]
+            out.extend(split_parts(p, sizes, where))
+        else:
+            out.append(p)
+        start = end
+    return out
+
+
+def split_parts(sym: Sym, sizes: list[int], origin: str) -> list[Sym]:
+    """Cut `sym` into consecutive pieces of the given sizes (a concatenation)."""
+    root = sym.find()
+    if sum(sizes) != root.size:
+        raise WidenError(f"{origin}: cannot cut {root!r} into {sizes}")
+    if len(sizes) == 1:
+        return [root]
+    if root.factors is not None:
+        raise WidenError(f"{origin}: cannot cut {root!r}, already split into heads, into pieces {sizes}")
+    cuts = list(np.cumsum(sizes))
+    if root.parts is None:
+        root.parts = [Sym(s, origin, tags=root.tags & {"rotary"}) for s in sizes]
+        return list(root.parts)
+    root.parts = [p.find() for p in cut_parts(root.parts, cuts, origin)]
+    out, i = [], 0
+    for size in sizes:
+        group, total = [], 0
+        while total < size:
+            group.append(root.parts[i])
+            total += root.parts[i].find().size
+            i += 1
+        out.append(group[0] if len(group) == 1 else concat(group, origin))
+    return out
+
+
+def concat(syms: list, origin: str) -> Sym:
+    s = Sym(sum(x.find().size for x in syms), origin)
+    s.parts = [x.find() for x in syms]
+    return s
 
 
 def _unify_factor_lists(fa, fb, where):
@@ -74,6 +147,9 @@ def split(sym: Sym, sizes: list[int], origin: str) -> list[Sym]:
         if have == sizes:
             return [f.find() for f in root.factors]
         if int(np.prod(sizes)) == root.size:
+            grouped = _group(root.factors, sizes, origin)
+            if grouped is not None:
+                return grouped
             # Refine: an existing factor may itself split further ([H, D] then [H, D/2, 2]).
             return _refine(root.factors, sizes, origin)
         raise WidenError(f"{origin}: cannot split {root!r} into {sizes}")
@@ -81,6 +157,21 @@ def split(sym: Sym, sizes: list[int], origin: str) -> list[Sym]:
         raise WidenError(f"{origin}: cannot split {root!r} into {sizes}")
     root.factors = [Sym(s, origin) for s in sizes]
     return list(root.factors)
+
+
+def _group(factors, sizes, origin):
+    """Coarser sizes than the existing factors ([B, kvH, rep] read as [B, kvH*rep]): merge runs."""
+    out, i = [], 0
+    for size in sizes:
+        group, prod = [], 1
+        while prod < size and i < len(factors):
+            group.append(factors[i].find())
+            prod *= factors[i].find().size
+            i += 1
+        if prod != size or not group:
+            return None
+        out.append(group[0] if len(group) == 1 else merge(group, [g.size for g in group], origin))
+    return out if i == len(factors) else None
 
 
 def _refine(factors, sizes, origin):
@@ -110,9 +201,10 @@ def merge(syms: list, sizes: list[int], origin: str) -> Sym:
 
 def leaves(sym: Sym) -> list[Sym]:
     root = sym.find()
-    if root.factors is None:
+    children = root.factors or root.parts
+    if children is None:
         return [root]
-    return [leaf for f in root.factors for leaf in leaves(f)]
+    return [leaf for f in children for leaf in leaves(f)]
 
 
 class Layout:
@@ -146,11 +238,28 @@ class Layout:
         return Layout((np.repeat(np.arange(h), k)[:, None] * block + np.arange(block)[None, :]).ravel(), n)
 
     @staticmethod
+    def spread(n: int, k: int) -> "Layout":
+        """Unit j at wide position k*j, the other positions zero (RoPE pairs at the wide frequencies)."""
+        src = np.full(n * k, -1, dtype=np.int64)
+        src[::k] = np.arange(n)
+        return Layout(src, n)
+
+    @staticmethod
+    def concat(parts: list["Layout"]) -> "Layout":
+        srcs, off = [], 0
+        for p in parts:
+            srcs.append(np.where(p.src < 0, -1, p.src + off))
+            off += p.small
+        return Layout(np.concatenate(srcs), off)
+
+    @staticmethod
     def product(parts: list["Layout"]) -> "Layout":
         src = np.zeros(1, dtype=np.int64)
         small = 1
         for p in parts:
-            src = (src[:, None] * p.small + p.src[None, :]).ravel()
+            combined = src[:, None] * p.small + p.src[None, :]
+            dead = (src[:, None] < 0) | (p.src[None, :] < 0)  # a zero unit stays zero
+            src = np.where(dead, -1, combined).ravel()
             small *= p.small
         return Layout(src, small)
 

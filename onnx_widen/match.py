@@ -83,8 +83,12 @@ def aligned(an, name, out_rank):
     return [out_rank - r + j for j in range(r)]
 
 
-def broadcast_axes(an, node, inputs):
-    """Unify the width axes of tracked inputs under broadcasting; returns the output axes."""
+def broadcast_axes(an, node, inputs, skip_axis=None):
+    """Unify the width axes of tracked inputs under broadcasting; returns the output axes.
+
+    An untracked activation (neither tracked nor constant) spread along a width axis would be
+    combined with widened data without being widened itself: the plan refuses that unless the
+    axis keeps its size (a mask over heads), never guessed."""
     out = node.output[0]
     oshape = an.shape(out)
     axes = [None] * len(oshape)
@@ -93,8 +97,16 @@ def broadcast_axes(an, node, inputs):
             continue
         for j, oj in enumerate(aligned(an, name, len(oshape))):
             a = an.ax(name)[j]
-            if a is not None:
+            if a is not None and oj != skip_axis:
                 axes[oj] = an.unify(axes[oj], a, node)
+    for name in inputs:
+        if not name or an.tracked(name) or const_source(an, name) is not None:
+            continue
+        shape = an.shape(name)
+        for j, oj in enumerate(aligned(an, name, len(oshape))):
+            if axes[oj] is not None and shape[j] != 1 and oj != skip_axis:
+                # Fine for an axis that keeps its size (heads, batch); the plan checks which it is.
+                an.identity_required.append((axes[oj], node, name))
     return axes
 
 

@@ -22,6 +22,7 @@ TRANSPARENT_TO_OUTPUT = {"Reshape", "Transpose", "Identity", "Cast", "Squeeze", 
 class Options:
     factor: int = 2
     residual: str = "repeat"  # or "orthogonal"
+    rope: str = "spread"  # or "remap"
 
     def check(self):
         from .errors import UsageError
@@ -30,6 +31,8 @@ class Options:
             raise UsageError(f"factor must be an integer >= 2, got {self.factor!r}")
         if self.residual not in rules.RESIDUAL_SCHEMES:
             raise UsageError(f"residual scale must be one of {', '.join(rules.RESIDUAL_SCHEMES)}, got {self.residual!r}")
+        if self.rope not in rules.ROPE_PLACEMENTS:
+            raise UsageError(f"rope placement must be one of {', '.join(rules.ROPE_PLACEMENTS)}, got {self.rope!r}")
 
 
 @dataclass
@@ -45,6 +48,13 @@ class Recipe:
     def compute(self, original: np.ndarray) -> np.ndarray:
         if self.value is not None:
             return self.value
+        if self.param.role == "rotary frequencies":
+            axis = next(i for i, l in enumerate(self.layouts) if l is not None and not l.identity)
+            out = rules.rotary_frequencies(original, self.layouts[axis], axis)
+            if out is None:
+                raise WidenError(f"rotary frequencies {self.param.name!r} are not a geometric series (scaled RoPE): "
+                                 "the wide config's frequencies are unknown; use --rope remap")
+            return out
         out = rules.widen_tensor(original, list(self.layouts), self.param.read_axes, self.factor)
         return out.astype(original.dtype)
 
@@ -67,8 +77,10 @@ class Plan:
         if root.id not in self.layouts:
             if root.factors:
                 lay = D.Layout.product([self.layout(f) for f in root.factors])
+            elif root.parts:
+                lay = D.Layout.concat([self.layout(p) for p in root.parts])
             else:
-                lay = rules.layout_for(root.tags, root.size, self.opts.factor)
+                lay = rules.layout_for(root.tags, root.size, self.opts.factor, self.opts.rope)
             self.layouts[root.id] = lay
         return self.layouts[root.id]
 
@@ -113,6 +125,10 @@ class Plan:
 def build(an: Analysis, opts: Options) -> Plan:
     plan = Plan(an, opts)
     _mark_terminal(an)
+    for sym, node, name in an.identity_required:
+        if not plan.layout(sym).identity:
+            raise WidenError(f"node {an.name(node)!r} ({node.op_type}): input {name!r} spans a widened axis "
+                             "but carries no width (it is not derived from widened tensors)")
     _canonical_scale_constants(plan)
     _shape_constants(plan)
     tracked = set(an.axes)

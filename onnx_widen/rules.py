@@ -59,8 +59,37 @@ def epsilon(eps: float, input_log_scale: float) -> float:
     return eps * math.exp(2.0 * input_log_scale)
 
 
-def layout_for(tags: set, size: int, k: int) -> Layout:
-    """Keep-heads growth: head counts, batch-like and terminal axes stay; every other width axis repeats k times."""
+# RoPE (WIDENING.md): "spread" puts old pair j at new pair k*j, the wide config's own frequencies
+# (canonical and exact); "remap" repeats the frequencies (exact, non-standard frequencies).
+ROPE_PLACEMENTS = ("spread", "remap")
+
+
+def layout_for(tags: set, size: int, k: int, rope: str = "spread") -> Layout:
+    """Keep-heads growth: head counts, batch-like and terminal axes stay; rotary frequency axes
+    spread (or repeat, with remap); every other width axis repeats k times."""
     if tags & {"heads", "fixed", "terminal"}:
         return Layout.repeat(size, 1)
+    if "rotary" in tags and rope == "spread":
+        return Layout.spread(size, k)
     return Layout.repeat(size, k)
+
+
+def rotary_frequencies(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
+    """inv_freq of the wide head: base**(-2m/(k*dh)) = f0 * r**(m/k) for old ratio r = f1/f0.
+    Old pair j lands on m = k*j with its exact old value; the new pairs get the wide config's
+    frequencies. Frequencies that are not a geometric series (scaled RoPE) have no canonical
+    wide value here: the caller must use the repeat placement."""
+    f = np.moveaxis(small.astype(np.float64), axis, -1)
+    n = f.shape[-1]
+    m = np.arange(lay.wide)
+    if n >= 2:
+        r = f[..., 1:2] / f[..., 0:1]
+        expect = f[..., 0:1] * r ** np.arange(n)
+        if not np.allclose(expect, f, rtol=1e-4, atol=0):
+            return None
+        wide = f[..., 0:1] * r ** (m * (n / lay.wide))
+    else:
+        wide = np.repeat(f, lay.wide, axis=-1)
+    valid = lay.src >= 0
+    wide[..., valid] = f[..., lay.src[valid]]
+    return np.moveaxis(wide, -1, axis).astype(small.dtype)

@@ -96,7 +96,8 @@ def regroup(an, node, x, out):
             out_axes[big_out[0]] = xa[big_in[0]]
         elif len(big_in) == 1:
             for j, s in zip(big_out, D.split(xa[big_in[0]], [os_[j] for j in big_out], where)):
-                out_axes[j] = s
+                # A batch-like axis merged in only to be split out again carries no width.
+                out_axes[j] = None if "fixed" in s.find().tags and not s.find().factors else s
         elif len(big_out) == 1:
             out_axes[big_out[0]] = D.merge([xa[i] for i in big_in], [xs[i] for i in big_in], where)
         else:
@@ -140,28 +141,90 @@ def expand(an, node):
 
 def _along(an, node, data, axis):
     if an.ax(data)[axis % len(an.shape(data))] is not None:
-        an.fail(node, f"{node.op_type} along a widened axis needs a layout-aware pattern (fused QKV, RoPE)")
+        an.fail(node, f"{node.op_type} along a widened axis needs a layout-aware pattern")
+
+
+def _wide_offsets(plan, sym):
+    """Wide start of every small cut of a part-structured dimension: {small offset: wide offset}."""
+    out, s_off, w_off = {0: 0}, 0, 0
+    root = sym.find()
+    for p in (root.parts or [root]):
+        s_off += p.find().size
+        w_off += plan.layout(p).wide
+        out[s_off] = w_off
+    return out
+
+
+def _piece(an, node, sym, start, stop, where):
+    """The dimension of sym[start:stop], cutting sym into parts at the bounds."""
+    n = sym.find().size
+    cuts = sorted({c for c in (start, stop) if 0 < c < n})
+    sizes = [b - a for a, b in zip([0] + cuts, cuts + [n])]
+    pieces = D.split_parts(sym, sizes, where)
+    bounds = [0] + list(np.cumsum(sizes))
+    chosen = [pc for pc, a in zip(pieces, bounds) if start <= a < stop]
+    return chosen[0] if len(chosen) == 1 else D.concat(chosen, where)
 
 
 def slice_(an, node):
-    x = node.input[0]
-    axes = an.value(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    rank = len(an.shape(x))
-    axes = range(rank) if axes is None else [int(a) for a in np.atleast_1d(axes)]
-    xs, os_ = an.shape(x), an.shape(node.output[0])
-    for a in axes:
-        if xs[a % rank] != os_[a % rank]:
-            _along(an, node, x, a)
-    an.set(node.output[0], an.ax(x))
-    an.scale.equal(node.output[0], x, an.name(node))
+    x, out = node.input[0], node.output[0]
+    xs = an.shape(x)
+    rank = len(xs)
+    vals = [an.value(node.input[i]) if len(node.input) > i and node.input[i] else None for i in range(1, 5)]
+    starts, ends, axes, steps = vals
+    if starts is None or ends is None:
+        an.fail(node, "slice bounds must be known from shapes and constants")
+    axes = list(range(len(np.atleast_1d(starts)))) if axes is None else [int(a) % rank for a in np.atleast_1d(axes)]
+    steps = [1] * len(axes) if steps is None else [int(s) for s in np.atleast_1d(steps)]
+    xa = list(an.ax(x))
+    width_slices = []
+    for i, a in enumerate(axes):
+        start, stop, step = slice(int(np.atleast_1d(starts)[i]), int(np.atleast_1d(ends)[i]), steps[i]).indices(xs[a])
+        if xa[a] is None or (start, stop, step) == (0, xs[a], 1):
+            continue
+        if step != 1:
+            an.fail(node, "strided slice along a widened axis (interleaved RoPE) is not supported yet")
+        xa[a] = _piece(an, node, xa[a], start, stop, an.name(node))
+        width_slices.append((i, a, start, stop))
+    an.set(out, xa)
+    an.scale.equal(out, x, an.name(node))
+    for operand, pick in ((1, 2), (2, 3)):
+        def required(plan, operand=operand, pick=pick, node=node, x=x):
+            vals = np.array(np.atleast_1d(an.value(node.input[operand])), dtype=np.int64).copy()
+            for i, a, start, stop in width_slices:
+                sym = an.ax(x)[a]
+                off = _wide_offsets(plan, sym)
+                small_n, wide_n = an.shape(x)[a], plan.layout(sym).wide
+                v = int(vals[i])
+                if v >= small_n:  # "to the end" (INT64_MAX): unchanged
+                    continue
+                pos = v + small_n if v < 0 else v
+                if pos not in off:
+                    an.fail(node, f"slice bound {v} does not fall on a unit boundary")
+                vals[i] = off[pos] - wide_n if v < 0 else off[pos]
+            return vals.reshape(np.shape(an.value(node.input[operand])))
+        an.shape_uses.append(ShapeUse(node, operand, required))
 
 
 def split(an, node):
     x = node.input[0]
-    _along(an, node, x, attr(node, "axis", 0))
-    for o in node.output:
+    xs = an.shape(x)
+    axis = attr(node, "axis", 0) % len(xs)
+    xa = an.ax(x)
+    sizes = [an.shape(o)[axis] for o in node.output]
+    outs_axes = []
+    if xa[axis] is not None:
+        pieces = D.split_parts(xa[axis], sizes, an.name(node))
+        outs_axes = [xa[:axis] + (p,) + xa[axis + 1:] for p in pieces]
+        if len(node.input) > 1 and node.input[1]:
+            def required(plan, pieces=pieces):
+                return np.array([plan.layout(p).wide for p in pieces], dtype=np.int64)
+            an.shape_uses.append(ShapeUse(node, 1, required))
+    else:
+        outs_axes = [xa] * len(node.output)
+    for o, axes in zip(node.output, outs_axes):
         if o:
-            an.set(o, an.ax(x))
+            an.set(o, axes)
             an.scale.equal(o, x, an.name(node))
 
 
@@ -177,12 +240,16 @@ def gather(an, node):
 def concat(an, node):
     out = node.output[0]
     axis = attr(node, "axis", 0) % len(an.shape(out))
-    for name in node.input:
-        if an.tracked(name):
-            _along(an, node, name, axis)
-    axes = broadcast_axes(an, node, node.input)
-    an.set(out, axes)
-    for name in node.input:
+    inputs = [n for n in node.input if n]
+    along = [an.ax(n)[axis] if an.tracked(n) else None for n in inputs]
+    others = broadcast_axes(an, node, inputs, skip_axis=axis)
+    if any(a is not None for a in along):
+        if not all(an.tracked(n) for n in inputs):
+            an.fail(node, "concatenating a widened axis with an untracked tensor")
+        parts = [a if a is not None else an.new_sym(an.shape(n)[axis], node, tags={"fixed"}) for a, n in zip(along, inputs)]
+        others[axis] = D.concat(parts, an.name(node))
+    an.set(out, others)
+    for name in inputs:
         if an.tracked(name):
             an.scale.equal(out, name, an.name(node))
         else:
