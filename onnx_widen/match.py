@@ -151,3 +151,24 @@ def axes_arg(an, node, input_index=1, attr_name="axes"):
 def is_constlike(an, name):
     """A constant, possibly behind Identity/Transpose/Cast (TorchScript shares deduplicated weights through Identity)."""
     return bool(name) and not an.tracked(name) and const_source(an, name) is not None
+
+
+def width_scalar(an, node, sym, exponents, rel_tol=1e-4):
+    """(input index, exponent) of a scalar constant operand equal to size(sym)**p, else None.
+
+    Used only where a pattern already knows the constant's place in the graph (softmax scale,
+    embedding normaliser, tied-head rescale): the value confirms the role, it never assigns it."""
+    import math
+
+    n = sym.find().size
+    for idx in (1, 0) if node.op_type == "Mul" else (1,):
+        name = node.input[idx]
+        if an.tracked(name) or not is_constlike(an, name):
+            continue
+        v = scalar_value(an, name)
+        if v is None or v <= 0:
+            continue
+        for p in exponents:
+            if math.isclose(v, n ** p, rel_tol=rel_tol):
+                return idx, p
+    return None

@@ -174,7 +174,7 @@ def _reaches_only_outputs(an, tensor, seen=None):
 def _canonical_scale_constants(plan: Plan):
     for sc in plan.an.scale_consts:
         node, idx = sc["node"], sc["index"]
-        wide_dh = plan.layout(sc["head"]).wide
+        wide_dh = plan.layout(sc["sym"]).wide
         old = np.asarray(plan.an.graph.const(node.input[idx]))
         new = np.full(old.shape, rules.canonical_scale_constant(wide_dh, sc["exponent"]), dtype=old.dtype)
         if not np.array_equal(new, old):

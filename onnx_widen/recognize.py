@@ -26,7 +26,7 @@ def parent_path(an, node, path):
     return found
 
 
-def chain_from(kind, anchor_op, path, info=None, reject=None):
+def chain_from(kind, anchor_op, path, info=None, reject=None, on_match=None):
     def recognize(an):
         out = []
         for node in an.graph.nodes:
@@ -37,6 +37,8 @@ def chain_from(kind, anchor_op, path, info=None, reject=None):
                 continue
             for n in nodes:
                 an.claims[an.name(n)] = kind
+            if on_match is not None:
+                on_match(an, nodes)
             out.append(Match(kind, [an.name(n) for n in reversed(nodes)], info(an, nodes) if info else {}))
         return out
 

@@ -57,7 +57,7 @@ def _find_scale_constants(an, node, head_sym):
         found += _scalar_of(an, after, dh, (_EXPONENTS[after.op_type][0],))
     forms = []
     for n, idx, p in found:
-        an.scale_consts.append({"node": n, "index": idx, "exponent": p, "head": head_sym})
+        an.scale_consts.append({"node": n, "index": idx, "exponent": p, "sym": head_sym, "role": "softmax scale"})
         forms.append(f"{n.op_type}(head_size**{p:+g})")
     heads = [s.find().size for s in an.ax(node.output[0])[:-2] if s is not None]
     an.matches.append(Match("attention", [an.name(node)], {

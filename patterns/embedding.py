@@ -3,7 +3,7 @@ from onnx import TensorProto
 
 from onnx_widen.analysis import Match
 from onnx_widen.graph import attr
-from onnx_widen.match import OpPattern, is_int
+from onnx_widen.match import OpPattern, is_int, width_scalar
 
 
 def _is_lookup(an, node):
@@ -29,3 +29,25 @@ def lookup(an, node):
 
 
 PATTERNS = [OpPattern("embedding", ("Gather",), lookup, when=_is_lookup, seed=True)]
+
+
+def _normaliser(an):
+    """Gemma-style `embeddings * sqrt(hidden)`: the constant takes the wide hidden size's value;
+    the table and whatever reads the product compensate through the scale solution."""
+    found = []
+    for m in list(an.matches):
+        if m.kind != "embedding":
+            continue
+        out = next(n.output[0] for n in an.graph.nodes if an.name(n) == m.nodes[0])
+        sym = an.ax(out)[-1]
+        for c in an.graph.consumers.get(out, []):
+            if c.op_type in ("Mul", "Div"):
+                hit = width_scalar(an, c, sym, (0.5,) if c.op_type == "Mul" else (-0.5,))
+                if hit:
+                    an.scale_consts.append({"node": c, "index": hit[0], "exponent": hit[1], "sym": sym, "role": "embedding normaliser"})
+                    an.claims[an.name(c)] = "embedding normaliser"
+                    found.append(Match("embedding normaliser", [an.name(c)], {"value": f"hidden**{hit[1]:+g}"}))
+    return found
+
+
+RECOGNIZERS = [_normaliser]

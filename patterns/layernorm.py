@@ -46,7 +46,13 @@ def layer_norm(an, node):
 
 PATTERNS = [OpPattern("layernorm", ("LayerNormalization",), layer_norm)]
 
+def hold_input(an, nodes):
+    """A decomposed norm's input, like the op's, is held at the residual scale (canonical eps)."""
+    an.scale.prefer(nodes[-1].input[0], an.name(nodes[0]), weight=NORM_INPUT_WEIGHT)
+
+
 # ReduceMean -> Sub -> Pow -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul(gamma) -> Add(beta), read backwards from Div.
 RECOGNIZERS = [
-    chain_from("layernorm (decomposed)", "Div", [("Sqrt", 1), ("Add", 0), ("ReduceMean", None), ("Pow", 0), ("Sub", 0)]),
+    chain_from("layernorm (decomposed)", "Div", [("Sqrt", 1), ("Add", None), ("ReduceMean", None), ("Pow", 0), ("Sub", 0)],
+               on_match=hold_input),
 ]

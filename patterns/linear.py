@@ -4,7 +4,7 @@ tied output head: its output axis is the vocabulary, and WIDENING.md's tied-head
 """
 from onnx_widen.analysis import Match
 from onnx_widen.graph import attr
-from onnx_widen.match import OpPattern, const_source, source_axes, source_read_axes, width_param_axes
+from onnx_widen.match import OpPattern, const_source, source_axes, source_read_axes, width_param_axes, width_scalar
 from onnx_widen.scales import Term
 
 
@@ -19,11 +19,28 @@ def _weight(an, node):
     return src
 
 
-def _tied_lookup(an, table):
-    """Output of an embedding Gather reading the same table, if any."""
+def _tied_lookup(an, table, view_name=None):
+    """Output of an embedding Gather reading the same table, if any. TorchScript exports a tied
+    head as its own transposed copy of the table: a weight equal to a table's transpose is tied too."""
     for c in an.graph.consumers.get(table, []):
         if c.op_type == "Gather" and c.input[0] == table and an.tracked(c.output[0]):
             return c.output[0]
+    if view_name is None:
+        return None
+    import numpy as np
+
+    view = None
+    for m in an.matches:
+        if m.kind != "embedding" or m.info["table"] == table:
+            continue
+        t = m.info["table"]
+        if an.graph.const_shape(t)[::-1] != an.shape(view_name):
+            continue
+        if view is None:
+            src, perm = const_source(an, view_name)
+            view = an.graph.const(src) if perm is None else np.transpose(an.graph.const(src), perm)
+        if np.array_equal(view, an.graph.const(t).T):
+            return next(n.output[0] for n in an.graph.nodes if an.name(n) == m.nodes[0])
     return None
 
 
@@ -34,7 +51,7 @@ def linear(an, node):
     view = an.shape(w)
     d_in, d_out = (view[1], view[0]) if trans_b else view
     in_sym = an.ax(x)[-1]
-    tied = _tied_lookup(an, src) if (perm is not None or trans_b) else None
+    tied = _tied_lookup(an, src) if (perm is not None or trans_b) else _tied_lookup(an, src, w)
     where = an.name(node)
     if tied is not None:
         out_sym = None  # the table's first axis: vocabulary, never widened
@@ -58,3 +75,35 @@ def linear(an, node):
 
 
 PATTERNS = [OpPattern("linear", ("MatMul", "Gemm"), linear, when=lambda an, n: _weight(an, n) is not None)]
+
+
+_THROUGH = ("Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze")
+
+
+def _tied_head_rescale(an):
+    """T5's `hidden * d_model**-0.5` before a tied output head takes the wide d_model's value."""
+    found = []
+    for m in an.matches:
+        if m.kind != "linear" or not m.info.get("tied"):
+            continue
+        node = next(n for n in an.graph.nodes if an.name(n) == m.nodes[0])
+        name = node.input[0]
+        while True:
+            p = an.graph.producer.get(name)
+            if p is None:
+                break
+            if p.op_type in ("Mul", "Div"):
+                sym = an.ax(p.output[0])[-1]
+                hit = sym is not None and width_scalar(an, p, sym, (-0.5,) if p.op_type == "Mul" else (0.5,))
+                if hit:
+                    an.scale_consts.append({"node": p, "index": hit[0], "exponent": hit[1], "sym": sym, "role": "tied head rescale"})
+                    an.claims[an.name(p)] = "tied head rescale"
+                    found.append(Match("tied head rescale", [an.name(p)], {"value": f"d_model**{hit[1]:+g}"}))
+                break
+            if p.op_type not in _THROUGH:
+                break
+            name = p.input[0]
+    return found
+
+
+RECOGNIZERS = [_tied_head_rescale]
