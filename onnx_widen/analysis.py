@@ -140,7 +140,8 @@ def run(graph: Graph, info: ShapeInfo, registry) -> Analysis:
             continue
         handler(an, node)
     for out in graph.outputs:
-        if out.name in an.axes:
+        if out.name in an.axes and not any(a is not None and "heads" in a.find().tags for a in an.ax(out.name)):
             # Hidden-state outputs leave as R(h)/sqrt(k) (the post's convention); others unscaled.
+            # Attention state (present keys/values) keeps the scale the layer gives it; the mapping records it.
             an.scale.fix(out.name, f"graph output {out.name!r}", Term("output", out.name))
     return an

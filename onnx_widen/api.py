@@ -33,10 +33,13 @@ def build_plan(model, options: plan_mod.Options):
     return plan_mod.build(an, options)
 
 
-def widen(model_or_path, factor: int = 2, residual: str = "repeat") -> onnx.ModelProto:
-    """Return the widened model (hidden, FFN and head size times `factor`) computing the same function."""
+def widen(model_or_path, factor: int = 2, residual: str = "repeat", rope: str = "spread") -> onnx.ModelProto:
+    """Return the widened model (hidden, FFN and head size times `factor`) computing the same function.
+
+    residual: "repeat" (canonical) or "orthogonal" (the post's R(x)/sqrt(k), eps/k).
+    rope: "spread" (the wide config's own frequencies) or "remap" (repeated frequencies)."""
     model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
-    p = build_plan(model, plan_mod.Options(factor=factor, residual=residual))
+    p = build_plan(model, plan_mod.Options(factor=factor, residual=residual, rope=rope))
     return apply(p)
 
 

@@ -59,16 +59,18 @@ def main_group(ctx, debug):
 @click.option("--factor", "-k", default="2", show_default=True, help="Integer factor for hidden, FFN and head size.")
 @click.option("--residual-scale", type=click.Choice(["repeat", "orthogonal"]), default="repeat", show_default=True,
               help="repeat: canonical (eps kept); orthogonal: the post's R(x)/sqrt(k) with eps/k.")
+@click.option("--rope", type=click.Choice(["spread", "remap"]), default="spread", show_default=True,
+              help="spread: old pair j at new pair K*j, the wide config's frequencies; remap: repeat the frequencies.")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime check (not recommended).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--report", "report_path", metavar="FILE.json", help="Also write the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
-def widen(source, out, factor, residual_scale, no_validate, provider, report_path, quiet):
+def widen(source, out, factor, residual_scale, rope, no_validate, provider, report_path, quiet):
     """Widen IN by --factor and write OUT, after checking it computes the same function."""
     from .workflow import widen_file
 
     k = _parse_factor(factor)
-    summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider)
+    summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider, rope=rope)
     if report_path:
         with open(report_path, "w") as f:
             json.dump(summary, f, indent=2)

@@ -64,7 +64,21 @@ def unify(a: Sym, b: Sym, where: str) -> Sym:
         ra.parts = pb
     elif pb is not None:
         _unify_parts(ra, pa, pb, where)
+    if ra.tags & INHERITED:
+        tag_all(ra, *(ra.tags & INHERITED))
     return ra
+
+
+# Tags that hold for every piece of a dimension: a kept head count keeps each of its factors.
+INHERITED = frozenset({"heads"})
+
+
+def tag_all(sym, *tags):
+    root = sym.find()
+    root.tags.update(tags)
+    for child in (root.factors or []) + (root.parts or []):
+        if not set(tags) <= child.find().tags:
+            tag_all(child, *tags)
 
 
 def _cuts(parts):

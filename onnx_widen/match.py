@@ -102,12 +102,45 @@ def broadcast_axes(an, node, inputs, skip_axis=None):
     for name in inputs:
         if not name or an.tracked(name) or const_source(an, name) is not None:
             continue
+        if _adopt_graph_input(an, node, name, axes):
+            continue
         shape = an.shape(name)
         for j, oj in enumerate(aligned(an, name, len(oshape))):
             if axes[oj] is not None and shape[j] != 1 and oj != skip_axis:
                 # Fine for an axis that keeps its size (heads, batch); the plan checks which it is.
                 an.identity_required.append((axes[oj], node, name))
     return axes
+
+
+def _adopt_graph_input(an, node, name, out_axes):
+    """A float graph input combined with widened data (a KV cache) carries width itself: it takes
+    the widened axes it lines up with, and its mapping is recorded for callers. Single-input
+    pass-throughs between the input and here (Identity, Cast, a one-input Concat) follow it."""
+    from onnx import TensorProto
+
+    if an.info.dtypes.get(name) not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE):
+        return False
+    shape = an.shape(name)
+    axes = [out_axes[oj] if shape[j] != 1 else None for j, oj in enumerate(aligned(an, name, len(out_axes)))]
+    if not any(a is not None for a in axes):
+        return False
+    chain = [name]
+    while chain[-1] not in {i.name for i in an.graph.inputs}:
+        p = an.graph.producer.get(chain[-1])
+        if p is None or p.op_type not in ("Identity", "Cast", "Concat") or len([i for i in p.input if i]) != 1:
+            return False
+        chain.append(p.input[0])
+    for t in chain:
+        for c in an.graph.consumers.get(t, []):
+            if c is node or (c.output and c.output[0] in chain):
+                continue
+            if c.op_type not in ("Shape", "Size") and an.graph.pos[id(c)] < an.graph.pos[id(node)]:
+                an.fail(node, f"graph input {chain[-1]!r} carries width here but was used earlier as plain data by {an.name(c)!r}")
+    for t in reversed(chain):
+        an.set(t, axes)
+    for a, b in zip(chain, chain[1:]):
+        an.scale.equal(a, b, an.name(node))
+    return True
 
 
 def width_param_axes(an, name, out_axes):

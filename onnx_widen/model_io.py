@@ -1,64 +1,494 @@
-"""Loading and saving models safely: clear errors for bad files, atomic writes."""
+"""Loading and saving models safely: clear errors for bad files, atomic writes.
+
+Everything that can go wrong while reading a file (unparsable protobuf, a graph the ONNX checker
+rejects, a cycle, an initializer whose bytes do not match its dims, external data that is missing
+or points outside the model's folder) becomes a one-line `WidenError` naming the file and the
+tensor or node. Writes go to an anonymous file in OUT's folder that only gets a name once it is
+complete, so an interrupted run leaves the old OUT (if any) as it was and no temporary file.
+"""
 from __future__ import annotations
 
+import errno
+import math
 import os
-import tempfile
+import time
+import uuid
+from collections import defaultdict
 
+import numpy as np
 import onnx
+from onnx import TensorProto
 
 from .errors import UsageError, WidenError
 
+TMP_PREFIX = ".onnx-widen-"
+TMP_SUFFIX = ".tmp"
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: one serialized ModelProto (protobuf's hard limit)
+_CHUNK = 1 << 20
+# Test-only: seconds to sleep after each chunk written, so a test can interrupt a write.
+_SLOW_WRITE_ENV = "ONNX_WIDEN_TEST_SLOW_WRITE"
 
-def load_model(path, load_external=True) -> onnx.ModelProto:
+# ---- tensor data sizes ---------------------------------------------------------------------------
+_ITEM_BYTES = {
+    TensorProto.FLOAT: 4, TensorProto.UINT8: 1, TensorProto.INT8: 1, TensorProto.UINT16: 2, TensorProto.INT16: 2,
+    TensorProto.INT32: 4, TensorProto.INT64: 8, TensorProto.BOOL: 1, TensorProto.FLOAT16: 2, TensorProto.DOUBLE: 8,
+    TensorProto.UINT32: 4, TensorProto.UINT64: 8, TensorProto.COMPLEX64: 8, TensorProto.COMPLEX128: 16,
+    TensorProto.BFLOAT16: 2,
+}
+for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0"):
+    if hasattr(TensorProto, _name):
+        _ITEM_BYTES[getattr(TensorProto, _name)] = 1
+_PACKED = {}  # elements per byte for sub-byte types
+for _name, _per in (("UINT4", 2), ("INT4", 2), ("FLOAT4E2M1", 2), ("UINT2", 4), ("INT2", 4)):
+    if hasattr(TensorProto, _name):
+        _PACKED[getattr(TensorProto, _name)] = _per
+# Which typed field holds the values when raw_data is not used, and how many entries per element.
+_FIELD = {TensorProto.FLOAT: ("float_data", 1), TensorProto.COMPLEX64: ("float_data", 2), TensorProto.DOUBLE: ("double_data", 1),
+          TensorProto.COMPLEX128: ("double_data", 2), TensorProto.INT64: ("int64_data", 1), TensorProto.UINT32: ("uint64_data", 1),
+          TensorProto.UINT64: ("uint64_data", 1), TensorProto.STRING: ("string_data", 1)}
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+def _dtype_name(dt: int) -> str:
+    try:
+        return TensorProto.DataType.Name(dt)
+    except ValueError:
+        return f"type {dt}"
+
+
+def data_bytes(t: TensorProto) -> int | None:
+    """Bytes the tensor's values take in raw form (None for strings and unknown types)."""
+    n = math.prod(t.dims)
+    if t.data_type in _ITEM_BYTES:
+        return n * _ITEM_BYTES[t.data_type]
+    if t.data_type in _PACKED:
+        return -(-n // _PACKED[t.data_type])
+    return None
+
+
+def check_tensor(t: TensorProto, where: str = ""):
+    """The tensor's data matches its dims and type; raise a WidenError naming it otherwise."""
+    label = f"{where}tensor {t.name!r}"
+    if any(d < 0 for d in t.dims):
+        raise WidenError(f"{label}: negative dimension in dims {list(t.dims)}")
+    if t.data_type == TensorProto.UNDEFINED or t.data_type not in TensorProto.DataType.values():
+        raise WidenError(f"{label}: undefined or unknown data type {t.data_type}")
+    if t.data_location == TensorProto.EXTERNAL:
+        return  # checked once loaded; an unloaded reference has no bytes here
+    n = math.prod(t.dims)
+    if t.raw_data:
+        need = data_bytes(t)
+        if need is None:
+            raise WidenError(f"{label}: {_dtype_name(t.data_type)} cannot be stored as raw bytes")
+        have = len(t.raw_data)
+        if have != need:
+            what = "shorter" if have < need else "longer"
+            raise WidenError(f"{label}: data is {what} than its dims: {have} bytes, but dims {list(t.dims)} of "
+                             f"{_dtype_name(t.data_type)} need {need}")
+        return
+    field, per = _FIELD.get(t.data_type, ("int32_data", 1))
+    if t.data_type in _PACKED:
+        need = -(-n // _PACKED[t.data_type])
+    else:
+        need = n * per
+    have = len(getattr(t, field))
+    if have != need:
+        if have == 0 and need > 0:
+            raise WidenError(f"{label}: has no data but dims {list(t.dims)} ({n} values)")
+        what = "shorter" if have < need else "longer"
+        raise WidenError(f"{label}: data is {what} than its dims: {have} values in {field}, but dims {list(t.dims)} need {need}")
+
+
+def _graph_tensors(graph, prefix=""):
+    """Initializers and Constant-node tensors of a graph and its subgraphs, with where they are."""
+    for t in graph.initializer:
+        yield t, f"{prefix}initializer "
+    for n in graph.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t, f"{prefix}node {n.name or n.op_type!r} attribute {a.name!r}: "
+            elif a.type == onnx.AttributeProto.TENSORS:
+                for t in a.tensors:
+                    yield t, f"{prefix}node {n.name or n.op_type!r} attribute {a.name!r}: "
+            elif a.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(a.g, f"{prefix}subgraph of {n.name or n.op_type!r}: ")
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _graph_tensors(g, f"{prefix}subgraph of {n.name or n.op_type!r}: ")
+
+
+def check_tensors(model: onnx.ModelProto):
+    for t, where in _graph_tensors(model.graph):
+        check_tensor(t, where)
+
+
+def count_nonfinite(model: onnx.ModelProto) -> dict:
+    """NaN/+-Inf values per floating-point initializer or Constant tensor (only those with any)."""
+    out = {}
+    for t, _ in _graph_tensors(model.graph):
+        if t.data_type not in FLOAT_TYPES or t.data_location == TensorProto.EXTERNAL or math.prod(t.dims) == 0:
+            continue
+        if t.data_type == TensorProto.BFLOAT16:
+            bits = np.frombuffer(t.raw_data, dtype=np.uint16) if t.raw_data else np.asarray(t.int32_data, dtype=np.uint16)
+            bad = int(np.count_nonzero((bits & 0x7F80) == 0x7F80))
+        else:
+            if t.raw_data:
+                arr = np.frombuffer(t.raw_data, dtype={TensorProto.FLOAT: "<f4", TensorProto.FLOAT16: "<f2", TensorProto.DOUBLE: "<f8"}[t.data_type])
+            elif t.data_type == TensorProto.FLOAT16:
+                arr = np.asarray(t.int32_data, dtype=np.uint16).view(np.float16)
+            else:
+                arr = np.asarray(t.float_data if t.data_type == TensorProto.FLOAT else t.double_data)
+            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            out[t.name or "(unnamed)"] = out.get(t.name or "(unnamed)", 0) + bad
+    return out
+
+
+# ---- graph structure -----------------------------------------------------------------------------
+def _node_label(n) -> str:
+    return f"{n.name or n.op_type + '->' + (n.output[0] if n.output else '?')!r} ({n.op_type})"
+
+
+def sort_nodes(model: onnx.ModelProto, path: str = ""):
+    """Put the top-level nodes in topological order, in place and stably (an already sorted graph is
+    left untouched). The ONNX checker requires the order, onnxruntime does not: exporters' graphs
+    are sorted, hand-edited ones sometimes are not. A cycle or an input nobody produces is an error."""
+    g = model.graph
+    known = {t.name for t in g.initializer} | {t.values.name for t in g.sparse_initializer} | {i.name for i in g.input} | {""}
+    nodes = list(g.node)
+    seen = set(known)
+    in_order = True
+    for n in nodes:
+        if any(i not in seen for i in n.input):
+            in_order = False
+            break
+        seen.update(n.output)
+    if in_order:
+        return
+    produced_by = {}
+    for idx, n in enumerate(nodes):
+        for o in n.output:
+            if o:
+                produced_by.setdefault(o, idx)
+    missing = defaultdict(set)
+    waiting = defaultdict(list)
+    for idx, n in enumerate(nodes):
+        for i in n.input:
+            if i not in known:
+                if i not in produced_by:
+                    raise WidenError(f"{path}: node {_node_label(n)}: input {i!r} is not produced by any node, initializer or graph input")
+                if i not in missing[idx]:
+                    missing[idx].add(i)
+                    waiting[i].append(idx)
+    import heapq
+
+    ready = [idx for idx in range(len(nodes)) if not missing[idx]]
+    heapq.heapify(ready)
+    order, done = [], set()
+    while ready:
+        idx = heapq.heappop(ready)
+        order.append(idx)
+        for o in nodes[idx].output:
+            if not o or o in done:
+                continue
+            done.add(o)
+            for w in waiting.pop(o, []):
+                missing[w].discard(o)
+                if not missing[w]:
+                    heapq.heappush(ready, w)
+    if len(order) < len(nodes):
+        # Walk back from a stuck node through producers that are stuck too until one repeats.
+        idx = min(i for i in range(len(nodes)) if missing[i])
+        path_idx = []
+        while idx not in path_idx:
+            path_idx.append(idx)
+            idx = produced_by[sorted(missing[idx])[0]]
+        cycle = path_idx[path_idx.index(idx):] + [idx]
+        raise WidenError(f"{path}: graph has a cycle: " + " <- ".join(_node_label(nodes[i]) for i in cycle[:7])
+                         + (" <- ..." if len(cycle) > 7 else "") + " (each node needs the next one's output)")
+    sorted_nodes = [nodes[i] for i in order]
+    g.ClearField("node")
+    g.node.extend(sorted_nodes)
+
+
+def check_structure(model: onnx.ModelProto, path: str = ""):
+    """Run the ONNX checker on the model's structure (nodes, types, attributes, SSA form, opsets)
+    without copying the weights: initializers become declared inputs of a shell model."""
+    if not model.HasField("graph"):
+        raise WidenError(f"{path}: not an ONNX model (no graph)")
+    if model.ir_version <= 0:
+        raise WidenError(f"{path}: not an ONNX model (no IR version)")
+    shell = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        if model.HasField(field):
+            setattr(shell, field, getattr(model, field))
+    shell.opset_import.extend(model.opset_import)
+    shell.functions.extend(model.functions)
+    g = model.graph
+    sg = shell.graph
+    sg.name = g.name or "graph"
+    sg.node.extend(g.node)
+    sg.input.extend(g.input)
+    sg.output.extend(g.output)
+    sg.value_info.extend(g.value_info)
+    declared = {i.name for i in g.input}
+    for t in g.initializer:
+        if t.name not in declared:
+            declared.add(t.name)
+            sg.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for s in g.sparse_initializer:
+        if s.values.name not in declared:
+            declared.add(s.values.name)
+            sg.input.append(onnx.helper.make_tensor_value_info(s.values.name, s.values.data_type, list(s.dims)))
+    try:
+        onnx.checker.check_model(shell)
+    except Exception as e:  # onnx.checker.ValidationError and friends
+        msg = " ".join(str(e).split()) or type(e).__name__
+        if len(msg) > 300:
+            msg = msg[:297] + "..."
+        raise WidenError(f"{path}: invalid ONNX model: {msg}") from None
+    if not g.output:
+        raise WidenError(f"{path}: invalid ONNX model: the graph has no outputs")
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def read_model(path, load_external: bool = True):
+    """Load and check a model file. Returns (model, external data files it reads: real paths)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
     if os.path.isdir(path):
         raise UsageError(f"{path}: is a directory, expected an .onnx file")
-    if os.path.getsize(path) == 0:
-        raise WidenError(f"{path}: empty file, not an ONNX model")
     try:
-        model = onnx.load(path, load_external_data=False)
-    except Exception as e:
-        raise WidenError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
-    if not model.graph.node and not model.graph.input:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    if size == 0 or not data:
+        raise WidenError(f"{path}: empty file, not an ONNX model")
+    if size > PROTOBUF_LIMIT:
+        raise WidenError(f"{path}: {size / 2**30:.1f} GiB in one file is over protobuf's 2 GiB limit; "
+                         "save the weights as external data")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as e:  # google.protobuf.message.DecodeError, RuntimeError from upb...
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WidenError(f"{path}: not a readable ONNX model (protobuf parse failed: {why})") from None
+    del data
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.input):
         raise WidenError(f"{path}: not an ONNX model (no graph)")
+    sort_nodes(model, path)
+    check_structure(model, path)
+    files = []
     if load_external:
-        _load_external(model, os.path.dirname(os.path.abspath(path)))
-    return model
+        files = _load_external(model, os.path.dirname(os.path.abspath(path)), path)
+    for t, where in _graph_tensors(model.graph):
+        if load_external or t.data_location != TensorProto.EXTERNAL:
+            try:
+                check_tensor(t, where)
+            except WidenError as e:
+                raise WidenError(f"{path}: {e}") from None
+    return model, files
 
 
-def _load_external(model, base):
-    from onnx.external_data_helper import _get_all_tensors, uses_external_data, ExternalDataInfo
+def load_model(path, load_external=True) -> onnx.ModelProto:
+    return read_model(path, load_external)[0]
 
+
+def external_data_files(model: onnx.ModelProto, base: str) -> list:
+    """Real paths of the external data files a (not yet loaded) model refers to."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    out = []
+    for t in _get_all_tensors(model):
+        if uses_external_data(t):
+            try:
+                loc = ExternalDataInfo(t).location
+            except Exception:
+                continue
+            if loc:
+                out.append(os.path.realpath(os.path.join(base, loc)))
+    return sorted(set(out))
+
+
+def _load_external(model, base, path=""):
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+    real_base = os.path.realpath(base)
+    files = set()
     for t in _get_all_tensors(model):
         if not uses_external_data(t):
             continue
-        info = ExternalDataInfo(t)
+        try:
+            info = ExternalDataInfo(t)
+            offset = int(info.offset or 0)
+            length = None if info.length is None else int(info.length)
+        except Exception as e:
+            raise WidenError(f"{path}: tensor {t.name!r}: malformed external data entry ({type(e).__name__}: {e})") from None
         loc = info.location
+        if not loc:
+            raise WidenError(f"{path}: tensor {t.name!r}: external data has no location")
         full = os.path.realpath(os.path.join(base, loc))
-        if os.path.isabs(loc) or not full.startswith(os.path.realpath(base) + os.sep):
+        if os.path.isabs(loc) or not full.startswith(real_base + os.sep):
             raise WidenError(f"tensor {t.name!r}: external data location {loc!r} points outside the model's folder")
         if not os.path.isfile(full):
             raise WidenError(f"tensor {t.name!r}: external data file {loc!r} is missing")
+        fsize = os.path.getsize(full)
+        need = data_bytes(t)
+        if length is None:
+            length = need
+        if offset < 0 or (length is not None and length < 0):
+            raise WidenError(f"{path}: tensor {t.name!r}: negative external data offset or length")
+        if length is not None and offset + length > fsize:
+            raise WidenError(f"tensor {t.name!r}: external data file {loc!r} is too short ({fsize} bytes; "
+                             f"the tensor needs bytes {offset}..{offset + length})")
+        files.add(full)
+    if not files:
+        return []
     try:
         onnx.load_external_data_for_model(model, base)
     except Exception as e:
-        raise WidenError(f"external data could not be read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise WidenError(f"{path}: external data could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return sorted(files)
+
+
+# ---- saving --------------------------------------------------------------------------------------
+def serialize(model: onnx.ModelProto) -> bytes:
+    try:
+        return model.SerializeToString()
+    except ValueError as e:  # "exceeds maximum protobuf size of 2GB"
+        raise WidenError(f"the model cannot be saved as one ONNX file: {str(e).splitlines()[0]}") from None
 
 
 def save_model_atomic(model: onnx.ModelProto, path: str):
-    """Write to a temporary file beside `path`, then rename: a reader never sees a partial model."""
+    """Write to an anonymous file beside `path`, then give it the name: a reader never sees a
+    partial model, and an interrupted write leaves neither a half OUT nor a temporary file."""
+    write_bytes_atomic(serialize(model), path)
+
+
+def write_bytes_atomic(data: bytes, path: str):
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{path}: output folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".onnx-widen-", suffix=".tmp", dir=folder)
-    os.close(fd)
+    _remove_stale_temps(folder)
     try:
-        onnx.save(model, tmp)
+        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except (AttributeError, OSError):
+        fd = None  # no O_TMPFILE (not Linux, or the file system lacks it): a named temporary file
+    try:
+        if fd is not None:
+            _write_anonymous(fd, data, folder, path)
+        else:
+            _write_named(data, folder, path)
+    except OSError as e:
+        raise WidenError(f"cannot write {path}: {e.strerror or e}") from None
+    _fsync_dir(folder)
+
+
+def _tmp_name(folder):
+    return os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def _write_anonymous(fd, data, folder, path):
+    tmp = None
+    try:
+        _write_all(fd, data)
+        os.fsync(fd)
+        tmp = _tmp_name(folder)
+        try:
+            os.link(f"/proc/self/fd/{fd}", tmp)
+        except OSError:
+            # /proc not mounted: fall back to a named file (the anonymous one vanishes on close).
+            tmp = None
+            os.close(fd)
+            fd = None
+            _write_named(data, folder, path)
+            return
+        os.replace(tmp, path)
+        tmp = None
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if tmp is not None and os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def _write_named(data, folder, path):
+    tmp = _tmp_name(folder)
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_all(fd, data):
+    delay = float(os.environ.get(_SLOW_WRITE_ENV) or 0)
+    view = memoryview(data)
+    if delay:
+        os.write(2, b"onnx-widen-test: write started\n")
+    step = _CHUNK if not delay else max(1, min(_CHUNK, len(view) // 8 or 1))
+    pos = 0
+    while pos < len(view):
+        n = os.write(fd, view[pos:pos + step])
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        pos += n
+        if delay:
+            time.sleep(delay)
+
+
+def _fsync_dir(folder):
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _remove_stale_temps(folder):
+    """Named temporaries of earlier runs that were killed (the fallback path only): remove those
+    whose process is gone and that have not been touched for a minute."""
+    try:
+        names = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX) and n.endswith(TMP_SUFFIX)]
+    except OSError:
+        return
+    for n in names:
+        pid = n[len(TMP_PREFIX):].split("-", 1)[0]
+        full = os.path.join(folder, n)
+        try:
+            if not pid.isdigit() or int(pid) == os.getpid() or time.time() - os.path.getmtime(full) < 60:
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            os.unlink(full)
+        except OSError:
+            continue
+
+
+def temp_files(folder) -> list:
+    """Leftover temporary files of this tool in `folder` (for tests and checks)."""
+    try:
+        return sorted(n for n in os.listdir(folder) if n.startswith(TMP_PREFIX))
+    except OSError:
+        return []

@@ -75,7 +75,9 @@ class Plan:
     def layout(self, sym) -> D.Layout:
         root = sym.find()
         if root.id not in self.layouts:
-            if root.factors:
+            if root.tags & rules.KEPT_TAGS:
+                lay = D.Layout.repeat(root.size, 1)  # kept as a whole, whatever it is made of
+            elif root.factors:
                 lay = D.Layout.product([self.layout(f) for f in root.factors])
             elif root.parts:
                 lay = D.Layout.concat([self.layout(p) for p in root.parts])

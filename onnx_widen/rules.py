@@ -64,10 +64,14 @@ def epsilon(eps: float, input_log_scale: float) -> float:
 ROPE_PLACEMENTS = ("spread", "remap")
 
 
+# Axes the keep-heads growth never widens: head counts, batch-like axes, output heads' axes.
+KEPT_TAGS = frozenset({"heads", "fixed", "terminal"})
+
+
 def layout_for(tags: set, size: int, k: int, rope: str = "spread") -> Layout:
     """Keep-heads growth: head counts, batch-like and terminal axes stay; rotary frequency axes
     spread (or repeat, with remap); every other width axis repeats k times."""
-    if tags & {"heads", "fixed", "terminal"}:
+    if tags & KEPT_TAGS:
         return Layout.repeat(size, 1)
     if "rotary" in tags and rope == "spread":
         return Layout.spread(size, k)

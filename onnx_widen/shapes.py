@@ -15,7 +15,7 @@ from onnx import helper, shape_inference, TensorProto
 from .errors import WidenError
 from .graph import Graph, SMALL_CONST, attr
 
-DEFAULT_DIMS = {"batch": 2, "sequence": 7}
+DEFAULT_DIMS = {"batch": 2, "sequence": 7, "past": 5}
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
@@ -35,19 +35,28 @@ def concrete_input_shapes(graph: Graph, dims: dict | None = None, overrides: dic
     """Give every dynamic input dimension a value: batch-like first axes 2, others 7 (or `dims[name]`)."""
     dims = {**DEFAULT_DIMS, **(dims or {})}
     overrides = overrides or {}
+    has_past = any("past" in i.name.lower() for i in graph.inputs)
     out = {}
     for inp in graph.inputs:
         if inp.name in overrides:
             out[inp.name] = tuple(int(x) for x in overrides[inp.name])
             continue
         shape = []
+        nd = len(inp.type.tensor_type.shape.dim)
         for ax, d in enumerate(inp.type.tensor_type.shape.dim):
             if d.HasField("dim_value"):
                 shape.append(d.dim_value)
             elif d.dim_param in dims:
                 shape.append(dims[d.dim_param])
+            elif ax == 0:
+                shape.append(dims["batch"])
+            elif "past" in d.dim_param.lower() or ("past" in inp.name.lower() and nd == 4 and ax == 2):
+                shape.append(dims["past"])
+            elif has_past and "mask" in inp.name.lower() and ax == nd - 1:
+                # With a KV cache the mask covers past and new tokens.
+                shape.append(dims["past"] + dims["sequence"])
             else:
-                shape.append(dims["batch"] if ax == 0 else dims["sequence"])
+                shape.append(dims["sequence"])
         out[inp.name] = tuple(shape)
     return out
 

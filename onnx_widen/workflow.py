@@ -1,46 +1,138 @@
-"""The whole `widen` job on files: check the request, widen, validate, then write atomically."""
+"""The whole `widen` job on files: check the request, widen, validate, then write atomically.
+
+Every failure is a `WidenError` (one line, naming the file, tensor or node) and nothing is
+written: paths are checked first, the output's size is checked against memory, disk and the
+2 GiB single-file limit before planning at the requested factor, and OUT is written only once
+the wide model has been validated.
+"""
 from __future__ import annotations
 
 import os
 import time
 
+from . import budget as budget_mod
 from . import plan as plan_mod
 from .api import build_plan
 from .apply import apply
-from .errors import UsageError
-from .model_io import load_model, save_model_atomic
+from .errors import UsageError, WidenError
+from .model_io import FLOAT_TYPES, count_nonfinite, read_model, save_model_atomic, write_bytes_atomic
 from .report import count_params, match_summary
 
 
-def check_paths(source: str, out: str):
-    if not os.path.exists(source):
-        raise UsageError(f"{source}: no such file")
-    if os.path.exists(out) and os.path.samefile(source, out) or os.path.realpath(source) == os.path.realpath(out):
-        raise UsageError(f"output {out} is the input file; choose another path")
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_path(out: str, what: str = "output"):
+    """`out` can be written: not a folder, its folder exists and is writable."""
+    if not out:
+        raise UsageError(f"{what} path is empty")
     if os.path.isdir(out):
-        raise UsageError(f"output {out} is a directory")
+        raise UsageError(f"{what} {out} is a directory")
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
-        raise UsageError(f"output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"output folder {folder} is not writable")
+        raise UsageError(f"{what} folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} folder {folder} is not writable")
 
 
-def widen_file(source: str, out: str, factor: int, residual: str = "repeat", validate: bool = True, provider: str = "cpu") -> dict:
-    check_paths(source, out)
+def check_paths(source: str, out: str, report: str | None = None):
+    if not source or not os.path.exists(source):
+        raise UsageError(f"{source}: no such file")
+    if os.path.isdir(source):
+        raise UsageError(f"{source}: is a directory, expected an .onnx file")
+    if out and _same_file(source, out):
+        raise UsageError(f"output {out} is the input file; choose another path")
+    check_output_path(out)
+    if report is not None:
+        if _same_file(report, source):
+            raise UsageError(f"report {report} is the input file; choose another path")
+        if _same_file(report, out):
+            raise UsageError(f"report {report} is the output file; choose another path")
+        check_output_path(report, "report")
+
+
+def check_not_external(out: str, files, what: str = "output"):
+    for f in files:
+        if _same_file(out, f):
+            raise UsageError(f"{what} {out} is the input's external data file {os.path.basename(f)}; choose another path")
+
+
+def check_degenerate(model):
+    """Zero-sized graph inputs and empty floating-point weights: nothing to validate or widen."""
+    inits = {t.name for t in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        for ax, d in enumerate(inp.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value == 0:
+                raise WidenError(f"input {inp.name!r}: axis {ax} has size 0 (zero-sized dimension); such a model cannot be validated")
+    for t in model.graph.initializer:
+        if t.data_type in FLOAT_TYPES and len(t.dims) >= 1 and 0 in t.dims:
+            raise WidenError(f"initializer {t.name!r}: zero-sized dimension in dims {list(t.dims)}; an empty weight cannot be widened")
+
+
+def widened_anything(plan) -> bool:
+    for _, _, _, recipe in plan.edits.values():
+        if recipe.param is not None and any(l is not None and not l.identity for l in recipe.layouts):
+            return True
+    return False
+
+
+def check_widens(plan):
+    """A graph where no weight grows (no embedding creates a hidden dimension: a CNN, an MLP on
+    float features) is refused rather than written back unchanged as if it had been widened."""
+    if widened_anything(plan):
+        return
+    ops = sorted({n.op_type for n in plan.an.graph.nodes})
+    has_embedding = any(m.kind == "embedding" for m in plan.an.matches)
+    why = "the embedding found carries no width" if has_embedding else "no embedding table (Gather from a weight) creates a hidden dimension"
+    raise WidenError(f"not a Transformer this tool can widen: {why}, so no weight would grow "
+                     f"(ops: {', '.join(ops[:8])}{', ...' if len(ops) > 8 else ''})")
+
+
+def nonfinite_note(counts: dict) -> str:
+    total = sum(counts.values())
+    worst = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+    where = ", ".join(f"{name!r} ({n})" for name, n in worst) + (", ..." if len(counts) > 3 else "")
+    return f"{total} non-finite weight values (NaN/Inf) in {len(counts)} tensor{'s' if len(counts) != 1 else ''}: {where}; copied as they are"
+
+
+def widen_file(source: str, out: str, factor: int, residual: str = "repeat", validate: bool = True, provider: str = "cpu",
+               report: str | None = None) -> dict:
+    check_paths(source, out, report)
     opts = plan_mod.Options(factor=factor, residual=residual)
     opts.check()
     t0 = time.perf_counter()
-    small = load_model(source)
+    small, files = read_model(source)
+    check_not_external(out, files)
+    if report is not None:
+        check_not_external(report, files, "report")
+    check_degenerate(small)
+    nonfinite = count_nonfinite(small)
     t1 = time.perf_counter()
+    budget_mod.preflight(small, factor, residual, out, validate)
     plan = build_plan(small, opts)
+    check_widens(plan)
+    size = budget_mod.from_plan(plan)
+    budget_mod.check(size, budget_mod.model_bytes(small), out, factor, validate)
     t2 = time.perf_counter()
     wide = apply(plan)
     t3 = time.perf_counter()
+    notes = list(plan.notes)
+    if nonfinite:
+        notes.insert(0, nonfinite_note(nonfinite))
     summary = {
         "input": source, "output": out, "factor": factor, "residual": residual,
         "matched": match_summary(plan.an), "params_before": count_params(small), "params_after": count_params(wide),
-        "notes": plan.notes, "mapping": plan.io, "validation": None,
+        "notes": notes, "mapping": plan.io, "validation": None,
+        "nonfinite": {"count": sum(nonfinite.values()), "tensors": nonfinite},
+        "estimated_output_bytes": size,
     }
     times = {"load": t1 - t0, "plan": t2 - t1, "rewrite": t3 - t2}
     if validate:
@@ -50,8 +142,11 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
         summary["validation"] = res.to_json()
         times["validate"] = time.perf_counter() - t3
         if not res.ok:
-            worst = max(res.outputs, key=lambda o: o.max_rel)
-            summary["validation_failure"] = f"output {worst.name!r} max relative error {worst.max_rel:.3g}"
+            worst = max(res.outputs, key=lambda o: (o.max_rel != o.max_rel, o.max_rel))
+            failure = f"output {worst.name!r} max relative error {worst.max_rel:.3g}"
+            if nonfinite:
+                failure += f" (the input has {sum(nonfinite.values())} non-finite weight values)"
+            summary["validation_failure"] = failure
             summary["time_s"] = times
             return summary
     t4 = time.perf_counter()
@@ -60,3 +155,9 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
     times["total"] = time.perf_counter() - t0
     summary["time_s"] = times
     return summary
+
+
+def write_report(summary: dict, path: str):
+    import json
+
+    write_bytes_atomic(json.dumps(summary, indent=2, default=str).encode(), path)

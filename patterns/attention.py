@@ -8,6 +8,7 @@ Scales computed at run time from Shape(q) need nothing here: the wide graph comp
 """
 import math
 
+from onnx_widen import dims as D
 from onnx_widen.analysis import Match
 from onnx_widen.graph import attr
 from onnx_widen.match import OpPattern, broadcast_axes, is_constlike, scalar_value
@@ -31,7 +32,7 @@ def product(an, node):
     batch = broadcast_axes_for(an, node, ra[:-2], rb[:-2])
     for s in batch:
         if s is not None:
-            s.find().tags.add("heads")
+            D.tag_all(s, "heads")
     an.set(out, tuple(batch) + (ra[-2], rb[-1]))
     terms = [Term("copies", contracted)] if contracted is not None else []
     an.scale.relation({out: 1.0, a: -1.0, b: -1.0}, an.name(node), *terms)

@@ -1,0 +1,214 @@
+"""Will the widened model fit? Estimate the output's size before any heavy work and compare it
+with what the machine has: free disk at OUT's folder, available memory, and protobuf's 2 GiB
+limit on one ONNX file (the output is written as a single protobuf).
+
+Three estimates, cheapest first:
+- `upper_bound(model, k)`: every floating-point weight grows by k on every axis, once per use
+  (a constant whose uses need different values is un-shared). Needs no analysis.
+- `from_plan(plan)`: exact initializer bytes of the plan's recipes (apply's grouping of uses).
+- `extrapolate(plan2, k)`: from a plan built at k=2, each axis that doubled grows by k. Used when
+  the upper bound does not fit, so a huge factor is refused without planning at that factor
+  (the plan's layouts are O(k) in memory).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+
+import onnx
+
+from .errors import WidenError
+from .model_io import FLOAT_TYPES, PROTOBUF_LIMIT, data_bytes
+
+# Peak resident memory per output byte, measured with benchmarks/bench_widen.py (223 MB output:
+# 1.21 GB peak without validation, 1.35 GB with): the wide model, its float64 intermediates, the
+# serialized bytes and onnxruntime's copy while validating.
+RAM_PER_OUTPUT_BYTE = {True: 5.5, False: 5.0}
+PROCESS_OVERHEAD = 200 << 20  # Python, numpy, onnx, onnxruntime
+
+
+def human(n: float) -> str:
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB", "EB"):
+        if abs(n) < 1000 or unit == "EB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000.0
+    return f"{n:.3g} EB"
+
+
+def _itemsize(t) -> int:
+    b = data_bytes(t)
+    n = math.prod(t.dims)
+    return (b // n) if b is not None and n else 0
+
+
+def _overhead(model: onnx.ModelProto) -> int:
+    """Bytes of everything but initializer data (nodes, signature, metadata): stays the same."""
+    g = model.graph
+    return sum(n.ByteSize() for n in g.node) + sum(v.ByteSize() for v in list(g.input) + list(g.output)) + 4096 + 64 * len(g.initializer)
+
+
+def _uses(model: onnx.ModelProto) -> dict:
+    uses = defaultdict(int)
+    for n in model.graph.node:
+        for i in n.input:
+            if i:
+                uses[i] += 1
+    return uses
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    return sum(data_bytes(t) or len(t.raw_data) for t in model.graph.initializer) + _overhead(model)
+
+
+def upper_bound(model: onnx.ModelProto, k: int) -> int:
+    uses = _uses(model)
+    total = _overhead(model)
+    for t in model.graph.initializer:
+        b = data_bytes(t) or len(t.raw_data)
+        if t.data_type in FLOAT_TYPES and len(t.dims) >= 1:
+            total += b * k ** len(t.dims) * max(1, uses.get(t.name, 0))
+        else:
+            total += b
+    return total
+
+
+def _groups(plan):
+    """Per initializer: the distinct recipes of its uses, as apply groups them (None: unchanged)."""
+    g = plan.an.graph
+    by_name = defaultdict(dict)
+    for n in g.nodes:
+        for i, name in enumerate(n.input):
+            if name and name in g.inits:
+                e = plan.edits.get((id(n), i))
+                recipe = e[3] if e is not None else None
+                by_name[name].setdefault(recipe.key if recipe is not None else None, recipe)
+    return g, by_name
+
+
+def _recipe_bytes(t, recipe, grow) -> int:
+    if recipe is None:
+        return data_bytes(t) or len(t.raw_data)
+    if recipe.value is not None:
+        return int(recipe.value.nbytes)
+    dims = [grow(lay, n) for lay, n in zip(recipe.layouts, t.dims)]
+    return math.prod(dims) * _itemsize(t)
+
+
+def from_plan(plan) -> int:
+    g, by_name = _groups(plan)
+    total = _overhead(g.model)
+    for t in g.model.graph.initializer:
+        recipes = by_name.get(t.name) or {None: None}
+        total += sum(_recipe_bytes(t, r, lambda lay, n: lay.wide if lay is not None else n) for r in recipes.values())
+    return total
+
+
+def extrapolate(plan2, k: int) -> int:
+    """Output bytes at factor k from a plan built at factor 2 (an axis that doubled grows by k)."""
+    def grow(lay, n):
+        if lay is None or n == 0:
+            return n
+        return lay.wide * k // 2 if lay.wide != n else n
+
+    g, by_name = _groups(plan2)
+    total = _overhead(g.model)
+    for t in g.model.graph.initializer:
+        recipes = by_name.get(t.name) or {None: None}
+        total += sum(_recipe_bytes(t, r, grow) for r in recipes.values())
+    return total
+
+
+# ---- what the machine has -----------------------------------------------------------------------
+def _read_int(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_ram() -> int | None:
+    """Memory this process can still get: MemAvailable (else free pages), capped by a cgroup limit."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if len(line.split()) >= 2 and line.split()[1].isdigit()}
+        avail = info.get("MemAvailable", info.get("MemFree"))
+        if avail is not None:
+            avail += info.get("SwapFree", 0)
+    except (OSError, ValueError):
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            avail = None
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 1 << 60:
+            room = max(0, limit - usage)
+            avail = room if avail is None else min(avail, room)
+            break
+    return avail
+
+
+def free_disk(folder: str) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+@dataclass
+class Budget:
+    output_bytes: int
+    ram_needed: int
+    ram_available: int | None
+    disk_needed: int
+    disk_available: int | None
+    folder: str
+
+    def problems(self) -> list:
+        out = []
+        if self.output_bytes > PROTOBUF_LIMIT:
+            out.append(f"a single ONNX file holds at most 2 GiB")
+        if self.ram_available is not None and self.ram_needed > self.ram_available:
+            out.append(f"memory needed ~{human(self.ram_needed)}, available {human(self.ram_available)}")
+        if self.disk_available is not None and self.disk_needed > self.disk_available:
+            out.append(f"disk needed {human(self.disk_needed)}, free {human(self.disk_available)} at {self.folder}")
+        return out
+
+
+def budget(output_bytes: int, small_bytes: int, out_path: str, validate: bool = True) -> Budget:
+    folder = os.path.dirname(os.path.abspath(out_path))
+    ram = int(small_bytes + RAM_PER_OUTPUT_BYTE[bool(validate)] * output_bytes + PROCESS_OVERHEAD)
+    return Budget(int(output_bytes), ram, available_ram(), int(output_bytes), free_disk(folder), folder)
+
+
+def check(output_bytes: int, small_bytes: int, out_path: str, factor: int, validate: bool = True, estimated: str = "") -> Budget:
+    b = budget(output_bytes, small_bytes, out_path, validate)
+    problems = b.problems()
+    if problems:
+        raise WidenError(f"factor {factor} is too large: the widened model would be about {human(output_bytes)}{estimated}; "
+                         + "; ".join(problems))
+    return b
+
+
+def preflight(model: onnx.ModelProto, factor: int, residual: str, out_path: str, validate: bool = True):
+    """Refuse a factor whose output cannot fit, before planning at that factor. Cheap when the
+    upper bound fits (the common case); otherwise plans once at factor 2 and extrapolates."""
+    small = model_bytes(model)
+    ub = upper_bound(model, factor)
+    if not budget(ub, small, out_path, validate).problems():
+        return None
+    from . import plan as plan_mod
+    from .api import build_plan
+
+    probe = build_plan(model, plan_mod.Options(factor=2, residual=residual))
+    return check(extrapolate(probe, factor), small, out_path, factor, validate)
