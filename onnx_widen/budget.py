@@ -200,9 +200,10 @@ def check(output_bytes: int, small_bytes: int, out_path: str, factor: int, valid
     return b
 
 
-def preflight(model: onnx.ModelProto, factor: int, residual: str, out_path: str, validate: bool = True):
+def preflight(model: onnx.ModelProto, opts, out_path: str, validate: bool = True):
     """Refuse a factor whose output cannot fit, before planning at that factor. Cheap when the
     upper bound fits (the common case); otherwise plans once at factor 2 and extrapolates."""
+    factor = opts.factor
     small = model_bytes(model)
     ub = upper_bound(model, factor)
     if not budget(ub, small, out_path, validate).problems():
@@ -210,5 +211,5 @@ def preflight(model: onnx.ModelProto, factor: int, residual: str, out_path: str,
     from . import plan as plan_mod
     from .api import build_plan
 
-    probe = build_plan(model, plan_mod.Options(factor=2, residual=residual))
+    probe = build_plan(model, plan_mod.Options(factor=2, residual=opts.residual, rope=opts.rope))
     return check(extrapolate(probe, factor), small, out_path, factor, validate)

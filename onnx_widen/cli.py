@@ -5,10 +5,13 @@ click parses the command line (subcommands, typed options, --help for free); ric
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 import sys
-import time
+import tempfile
 
 import click
 
@@ -66,14 +69,27 @@ def main_group(ctx, debug):
 @click.option("--report", "report_path", metavar="FILE.json", help="Also write the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 def widen(source, out, factor, residual_scale, rope, no_validate, provider, report_path, quiet):
-    """Widen IN by --factor and write OUT, after checking it computes the same function."""
-    from .workflow import widen_file
+    """Widen IN by --factor and write OUT, after checking it computes the same function.
+
+    IN may be a folder of exports of one model (encoder, decoder, decoder with past, config.json):
+    every file is widened by the same rules and OUT is that folder, widened."""
+    from .workflow import widen_file, write_report
 
     k = _parse_factor(factor)
-    summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider, rope=rope)
+    if os.path.isdir(source):
+        from .folder import widen_folder
+
+        summary = widen_folder(source, out, k, residual=residual_scale, validate=not no_validate, provider=provider, rope=rope)
+        if report_path:
+            write_report(summary, report_path)
+        console = _console(quiet)
+        for s in summary["files"].values():
+            _print_widen(s, console)
+        return
+    summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider, rope=rope,
+                         report=report_path)
     if report_path:
-        with open(report_path, "w") as f:
-            json.dump(summary, f, indent=2)
+        write_report(summary, report_path)
     _print_widen(summary, _console(quiet))
     if summary["validation"] is not None and not summary["validation"]["ok"]:
         raise WidenError(f"validation failed: {summary['validation_failure']}; nothing written")
@@ -175,35 +191,127 @@ def validate(small, wide, factor, shape_items, atol, rtol, provider, as_json):
         raise WidenError(f"outputs differ beyond tolerance: {', '.join(bad)}")
 
 
+class Terminated(BaseException):
+    """SIGTERM/SIGHUP, raised like KeyboardInterrupt so that cleanups (temporary files) run."""
+
+
+def _on_signal(signum, frame):
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_as_exceptions():
+    saved = {}
+    try:
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                saved[sig] = signal.signal(sig, _on_signal)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
+# onnxruntime logs kernel failures on the process's stderr (file descriptor 2) by itself, next to
+# the exception that becomes our one line: the CLI keeps stderr to that one line.
+_NATIVE_NOISE = re.compile(r"\[[EWIV]:onnxruntime:")
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr(enabled=True):
+    """Send fd 2 to a temporary file while a command runs, then replay every line that is not an
+    onnxruntime log line (Python's own stderr output is kept, in order)."""
+    if not enabled:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    buf = tempfile.TemporaryFile()
+    try:
+        os.dup2(buf.fileno(), 2)
+    except OSError:
+        os.close(saved)
+        buf.close()
+        yield
+        return
+    try:
+        yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(saved, 2)
+        os.close(saved)
+        buf.seek(0)
+        text = buf.read().decode("utf-8", "replace")
+        buf.close()
+        kept = "".join(line for line in text.splitlines(keepends=True) if not _NATIVE_NOISE.search(line))
+        if kept:
+            sys.stderr.write(kept)
+            sys.stderr.flush()
+
+
+def _first_line(e) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """The entry point: returns the exit code; errors are one line on stderr (--debug: tracebacks)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
+    with _signals_as_exceptions():
+        with _quiet_native_stderr(not debug):
+            code, message = _run(argv, debug)
+    if message:
+        click.echo(message, err=True)
+    return code
+
+
+def _run(argv, debug):
+    """(exit code, the one line for stderr or None)."""
     try:
         main_group.main(args=argv, prog_name="onnx-widen", standalone_mode=False)
     except click.exceptions.Exit as e:
-        return e.exit_code
+        return e.exit_code, None
+    except SystemExit as e:  # a command's sys.exit(n)
+        return (e.code if isinstance(e.code, int) else (0 if e.code is None else 1)), None
     except click.exceptions.Abort:
-        click.echo("onnx-widen: aborted", err=True)
-        return 1
+        return 1, "onnx-widen: aborted"
     except click.ClickException as e:
         if debug:
             raise
-        click.echo(f"onnx-widen: error: {e.format_message()}", err=True)
-        return 2
+        return 2, f"onnx-widen: error: {e.format_message()}"
     except WidenError as e:
         if debug:
             raise
-        click.echo(f"onnx-widen: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
-        return e.exit_code
+        return e.exit_code, f"onnx-widen: error: {_first_line(e)}"
     except KeyboardInterrupt:
-        click.echo("onnx-widen: interrupted", err=True)
-        return 130
+        return 130, "onnx-widen: interrupted"
+    except Terminated as e:
+        return 128 + (e.args[0] if e.args else 15), "onnx-widen: terminated"
+    except MemoryError:
+        if debug:
+            raise
+        return 1, "onnx-widen: error: out of memory (try a smaller --factor or a machine with more memory)"
+    except OSError as e:
+        if debug:
+            raise
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        return 1, f"onnx-widen: error: {e.strerror or _first_line(e)}{where}"
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             raise
-        click.echo(f"onnx-widen: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (rerun with --debug)", err=True)
-        return 1
-    return 0
+        return 1, f"onnx-widen: internal error: {type(e).__name__}: {_first_line(e)} (rerun with --debug)"
+    return 0, None
 
 
 if __name__ == "__main__":

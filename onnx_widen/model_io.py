@@ -100,37 +100,42 @@ def check_tensor(t: TensorProto, where: str = ""):
 
 
 def _graph_tensors(graph, prefix=""):
-    """Initializers and Constant-node tensors of a graph and its subgraphs, with where they are."""
+    """(tensor, where, name) for the initializers and Constant-node tensors of a graph and its
+    subgraphs; `name` is the tensor's name, else the Constant node's output."""
     for t in graph.initializer:
-        yield t, f"{prefix}initializer "
+        yield t, f"{prefix}initializer ", t.name
     for n in graph.node:
+        label = n.name or n.op_type
         for a in n.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
-                yield a.t, f"{prefix}node {n.name or n.op_type!r} attribute {a.name!r}: "
+                yield a.t, f"{prefix}node {label!r} attribute {a.name!r}: ", a.t.name or (n.output[0] if n.output else label)
             elif a.type == onnx.AttributeProto.TENSORS:
                 for t in a.tensors:
-                    yield t, f"{prefix}node {n.name or n.op_type!r} attribute {a.name!r}: "
+                    yield t, f"{prefix}node {label!r} attribute {a.name!r}: ", t.name or label
             elif a.type == onnx.AttributeProto.GRAPH:
-                yield from _graph_tensors(a.g, f"{prefix}subgraph of {n.name or n.op_type!r}: ")
+                yield from _graph_tensors(a.g, f"{prefix}subgraph of {label!r}: ")
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
-                    yield from _graph_tensors(g, f"{prefix}subgraph of {n.name or n.op_type!r}: ")
+                    yield from _graph_tensors(g, f"{prefix}subgraph of {label!r}: ")
 
 
 def check_tensors(model: onnx.ModelProto):
-    for t, where in _graph_tensors(model.graph):
+    for t, where, _ in _graph_tensors(model.graph):
         check_tensor(t, where)
 
 
 def count_nonfinite(model: onnx.ModelProto) -> dict:
-    """NaN/+-Inf values per floating-point initializer or Constant tensor (only those with any)."""
+    """NaN/+-Inf values per floating-point initializer or Constant tensor (only those with any).
+    A one-element +-Inf constant is a deliberate fill value (attention masks) and is not counted."""
     out = {}
-    for t, _ in _graph_tensors(model.graph):
-        if t.data_type not in FLOAT_TYPES or t.data_location == TensorProto.EXTERNAL or math.prod(t.dims) == 0:
+    for t, _, name in _graph_tensors(model.graph):
+        size = math.prod(t.dims)
+        if t.data_type not in FLOAT_TYPES or t.data_location == TensorProto.EXTERNAL or size == 0:
             continue
         if t.data_type == TensorProto.BFLOAT16:
             bits = np.frombuffer(t.raw_data, dtype=np.uint16) if t.raw_data else np.asarray(t.int32_data, dtype=np.uint16)
-            bad = int(np.count_nonzero((bits & 0x7F80) == 0x7F80))
+            nan = int(np.count_nonzero(((bits & 0x7F80) == 0x7F80) & ((bits & 0x7F) != 0)))
+            inf = int(np.count_nonzero((bits & 0x7FFF) == 0x7F80))
         else:
             if t.raw_data:
                 arr = np.frombuffer(t.raw_data, dtype={TensorProto.FLOAT: "<f4", TensorProto.FLOAT16: "<f2", TensorProto.DOUBLE: "<f8"}[t.data_type])
@@ -138,9 +143,12 @@ def count_nonfinite(model: onnx.ModelProto) -> dict:
                 arr = np.asarray(t.int32_data, dtype=np.uint16).view(np.float16)
             else:
                 arr = np.asarray(t.float_data if t.data_type == TensorProto.FLOAT else t.double_data)
-            bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
-        if bad:
-            out[t.name or "(unnamed)"] = out.get(t.name or "(unnamed)", 0) + bad
+            nan = int(np.count_nonzero(np.isnan(arr)))
+            inf = int(np.count_nonzero(np.isinf(arr)))
+        if size == 1 and not nan:
+            continue
+        if nan or inf:
+            out[name] = out.get(name, 0) + nan + inf
     return out
 
 
@@ -284,7 +292,7 @@ def read_model(path, load_external: bool = True):
     files = []
     if load_external:
         files = _load_external(model, os.path.dirname(os.path.abspath(path)), path)
-    for t, where in _graph_tensors(model.graph):
+    for t, where, _ in _graph_tensors(model.graph):
         if load_external or t.data_location != TensorProto.EXTERNAL:
             try:
                 check_tensor(t, where)

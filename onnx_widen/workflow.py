@@ -104,9 +104,9 @@ def nonfinite_note(counts: dict) -> str:
 
 
 def widen_file(source: str, out: str, factor: int, residual: str = "repeat", validate: bool = True, provider: str = "cpu",
-               report: str | None = None) -> dict:
+               rope: str = "spread", report: str | None = None) -> dict:
     check_paths(source, out, report)
-    opts = plan_mod.Options(factor=factor, residual=residual)
+    opts = plan_mod.Options(factor=factor, residual=residual, rope=rope)
     opts.check()
     t0 = time.perf_counter()
     small, files = read_model(source)
@@ -116,7 +116,7 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
     check_degenerate(small)
     nonfinite = count_nonfinite(small)
     t1 = time.perf_counter()
-    budget_mod.preflight(small, factor, residual, out, validate)
+    budget_mod.preflight(small, opts, out, validate)
     plan = build_plan(small, opts)
     check_widens(plan)
     size = budget_mod.from_plan(plan)
@@ -128,7 +128,7 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
     if nonfinite:
         notes.insert(0, nonfinite_note(nonfinite))
     summary = {
-        "input": source, "output": out, "factor": factor, "residual": residual,
+        "input": source, "output": out, "factor": factor, "residual": residual, "rope": rope,
         "matched": match_summary(plan.an), "params_before": count_params(small), "params_after": count_params(wide),
         "notes": notes, "mapping": plan.io, "validation": None,
         "nonfinite": {"count": sum(nonfinite.values()), "tensors": nonfinite},
