@@ -33,13 +33,16 @@ def build_plan(model, options: plan_mod.Options):
     return plan_mod.build(an, options)
 
 
-def widen(model_or_path, factor: int = 2, residual: str = "repeat", rope: str = "spread") -> onnx.ModelProto:
+def widen(model_or_path, factor: int = 2, residual: str = "repeat", rope: str = "spread", heads: str = "keep",
+          kv_heads: str = "tile") -> onnx.ModelProto:
     """Return the widened model (hidden, FFN and head size times `factor`) computing the same function.
 
     residual: "repeat" (canonical) or "orthogonal" (the post's R(x)/sqrt(k), eps/k).
-    rope: "spread" (the wide config's own frequencies) or "remap" (repeated frequencies)."""
+    rope: "spread" (the wide config's own frequencies) or "remap" (repeated frequencies).
+    heads: "keep" (head size times factor) or "grow" (head count times factor, head size kept);
+    kv_heads (with heads="grow"): "tile" (kv heads times factor) or "keep" (query copies interleaved)."""
     model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
-    p = build_plan(model, plan_mod.Options(factor=factor, residual=residual, rope=rope))
+    p = build_plan(model, plan_mod.Options(factor=factor, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads))
     return apply(p)
 
 

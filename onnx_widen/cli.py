@@ -64,11 +64,15 @@ def main_group(ctx, debug):
               help="repeat: canonical (eps kept); orthogonal: the post's R(x)/sqrt(k) with eps/k.")
 @click.option("--rope", type=click.Choice(["spread", "remap"]), default="spread", show_default=True,
               help="spread: old pair j at new pair K*j, the wide config's frequencies; remap: repeat the frequencies.")
+@click.option("--heads", "heads", type=click.Choice(["keep", "grow"]), default="keep", show_default=True,
+              help="keep: head size times K; grow: K times the heads, each a copy (head size, softmax scale, RoPE kept).")
+@click.option("--kv-heads", "kv_heads", type=click.Choice(["tile", "keep"]), default="tile", show_default=True,
+              help="With --heads grow under GQA: tile kv heads K times, or keep them and interleave query copies.")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime check (not recommended).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--report", "report_path", metavar="FILE.json", help="Also write the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
-def widen(source, out, factor, residual_scale, rope, no_validate, provider, report_path, quiet):
+def widen(source, out, factor, residual_scale, rope, heads, kv_heads, no_validate, provider, report_path, quiet):
     """Widen IN by --factor and write OUT, after checking it computes the same function.
 
     IN may be a folder of exports of one model (encoder, decoder, decoder with past, config.json):
@@ -79,7 +83,8 @@ def widen(source, out, factor, residual_scale, rope, no_validate, provider, repo
     if os.path.isdir(source):
         from .folder import widen_folder
 
-        summary = widen_folder(source, out, k, residual=residual_scale, validate=not no_validate, provider=provider, rope=rope)
+        summary = widen_folder(source, out, k, residual=residual_scale, validate=not no_validate, provider=provider, rope=rope,
+                               heads=heads, kv_heads=kv_heads)
         if report_path:
             write_report(summary, report_path)
         console = _console(quiet)
@@ -87,7 +92,7 @@ def widen(source, out, factor, residual_scale, rope, no_validate, provider, repo
             _print_widen(s, console)
         return
     summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider, rope=rope,
-                         report=report_path)
+                         heads=heads, kv_heads=kv_heads, report=report_path)
     if report_path:
         write_report(summary, report_path)
     _print_widen(summary, _console(quiet))
@@ -253,7 +258,7 @@ def _quiet_native_stderr(enabled=True):
         buf.seek(0)
         text = buf.read().decode("utf-8", "replace")
         buf.close()
-        kept = "".join(line for line in text.splitlines(keepends=True) if not _NATIVE_NOISE.search(line))
+        kept = "".join(line for line in text.splitlines(keepends=True) if line.strip() and not _NATIVE_NOISE.search(line))
         if kept:
             sys.stderr.write(kept)
             sys.stderr.flush()
@@ -284,8 +289,8 @@ def _run(argv, debug):
         return e.exit_code, None
     except SystemExit as e:  # a command's sys.exit(n)
         return (e.code if isinstance(e.code, int) else (0 if e.code is None else 1)), None
-    except click.exceptions.Abort:
-        return 1, "onnx-widen: aborted"
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt
+        return 130, "onnx-widen: interrupted"
     except click.ClickException as e:
         if debug:
             raise

@@ -25,8 +25,10 @@ TMP_PREFIX = ".onnx-widen-"
 TMP_SUFFIX = ".tmp"
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: one serialized ModelProto (protobuf's hard limit)
 _CHUNK = 1 << 20
-# Test-only: seconds to sleep after each chunk written, so a test can interrupt a write.
+# Test-only: seconds to sleep after each chunk written, and a file to create when the write starts,
+# so that a test can interrupt a write in the middle (tests/test_bad_inputs.py).
 _SLOW_WRITE_ENV = "ONNX_WIDEN_TEST_SLOW_WRITE"
+_WRITE_MARKER_ENV = "ONNX_WIDEN_TEST_WRITE_MARKER"
 
 # ---- tensor data sizes ---------------------------------------------------------------------------
 _ITEM_BYTES = {
@@ -443,8 +445,10 @@ def _write_named(data, folder, path):
 def _write_all(fd, data):
     delay = float(os.environ.get(_SLOW_WRITE_ENV) or 0)
     view = memoryview(data)
-    if delay:
-        os.write(2, b"onnx-widen-test: write started\n")
+    marker = os.environ.get(_WRITE_MARKER_ENV)
+    if marker:
+        with open(marker, "w"):
+            pass
     step = _CHUNK if not delay else max(1, min(_CHUNK, len(view) // 8 or 1))
     pos = 0
     while pos < len(view):

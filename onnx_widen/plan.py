@@ -23,6 +23,8 @@ class Options:
     factor: int = 2
     residual: str = "repeat"  # or "orthogonal"
     rope: str = "spread"  # or "remap"
+    heads: str = "keep"  # or "grow"
+    kv_heads: str = "tile"  # or "keep" (with heads="grow")
 
     def check(self):
         from .errors import UsageError
@@ -31,6 +33,10 @@ class Options:
             raise UsageError(f"factor must be an integer >= 2, got {self.factor!r}")
         if self.residual not in rules.RESIDUAL_SCHEMES:
             raise UsageError(f"residual scale must be one of {', '.join(rules.RESIDUAL_SCHEMES)}, got {self.residual!r}")
+        if self.heads not in rules.HEAD_MODES:
+            raise UsageError(f"heads must be one of {', '.join(rules.HEAD_MODES)}, got {self.heads!r}")
+        if self.kv_heads not in rules.KV_HEAD_MODES:
+            raise UsageError(f"kv heads must be one of {', '.join(rules.KV_HEAD_MODES)}, got {self.kv_heads!r}")
         if self.rope not in rules.ROPE_PLACEMENTS:
             raise UsageError(f"rope placement must be one of {', '.join(rules.ROPE_PLACEMENTS)}, got {self.rope!r}")
 
@@ -48,8 +54,9 @@ class Recipe:
     def compute(self, original: np.ndarray) -> np.ndarray:
         if self.value is not None:
             return self.value
-        if self.param.role == "rotary frequencies":
-            axis = next(i for i, l in enumerate(self.layouts) if l is not None and not l.identity)
+        widened = [i for i, l in enumerate(self.layouts) if l is not None and not l.identity]
+        if self.param.role == "rotary frequencies" and widened:
+            axis = widened[0]
             out = rules.rotary_frequencies(original, self.layouts[axis], axis)
             if out is None:
                 raise WidenError(f"rotary frequencies {self.param.name!r} are not a geometric series (scaled RoPE): "
@@ -75,14 +82,14 @@ class Plan:
     def layout(self, sym) -> D.Layout:
         root = sym.find()
         if root.id not in self.layouts:
-            if root.tags & rules.KEPT_TAGS:
+            if rules.kept_whole(root.tags, self.opts.heads):
                 lay = D.Layout.repeat(root.size, 1)  # kept as a whole, whatever it is made of
             elif root.factors:
                 lay = D.Layout.product([self.layout(f) for f in root.factors])
             elif root.parts:
                 lay = D.Layout.concat([self.layout(p) for p in root.parts])
             else:
-                lay = rules.layout_for(root.tags, root.size, self.opts.factor, self.opts.rope)
+                lay = rules.layout_for(root.tags, root.size, self.opts.factor, self.opts.rope, self.opts.heads, self.opts.kv_heads)
             self.layouts[root.id] = lay
         return self.layouts[root.id]
 
@@ -263,6 +270,23 @@ def _retarget(plan: Plan, node, idx, elem, value):
             continue
         if p.op_type in ("Unsqueeze", "Squeeze", "Identity", "Cast", "Reshape", "Flatten"):
             node, idx, name = p, 0, p.input[0]
+            continue
+        if p.op_type == "Mul" and np.size(an.value(name) if an.value(name) is not None else 0) == 1:
+            # n_kv_heads * n_rep: the constant factor takes what the wide product needs.
+            consts = [j for j in (0, 1) if g.is_const(p.input[j])]
+            other = plan.wide_values.get(p.input[1 - consts[0]]) if len(consts) == 1 else None
+            if other is None or int(np.asarray(other).reshape(())) == 0 or value % int(np.asarray(other).reshape(())):
+                return f"shape element {elem} is a product {an.name(p)!r} that no constant factor can make {value}"
+            node, idx, name, elem = p, consts[0], p.input[consts[0]], 0
+            value = value // int(np.asarray(other).reshape(()))
+            continue
+        if p.op_type == "Where" and an.value(p.input[0]) is not None:
+            # TorchScript's expand: Where(shape == -1, 1, shape); follow the branch the element takes.
+            cond = np.broadcast_to(an.value(p.input[0]), np.shape(an.value(name))).reshape(-1)
+            branch = 1 if cond[elem] else 2
+            if np.size(an.value(p.input[branch])) != np.size(an.value(name)):
+                return f"shape element {elem} is selected by {an.name(p)!r} from a broadcast value"
+            node, idx, name = p, branch, p.input[branch]
             continue
         return f"element {elem} of the shape is computed by {p.op_type} node {an.name(p)!r}, which is not a constant to rewrite"
     edit = plan.edits.get((id(node), idx))

@@ -64,15 +64,32 @@ def epsilon(eps: float, input_log_scale: float) -> float:
 ROPE_PLACEMENTS = ("spread", "remap")
 
 
-# Axes the keep-heads growth never widens: head counts, batch-like axes, output heads' axes.
-KEPT_TAGS = frozenset({"heads", "fixed", "terminal"})
+# How each kind of width dimension grows (WIDENING.md, Attention / Growing heads / RoPE).
+# heads="keep": head counts stay and every head gets k times the units (the post);
+# heads="grow": head size stays and there are k times the heads, each new head a copy, kv heads
+# tiled with their groups (kv_heads="tile") or kept with the query copies interleaved ("keep").
+HEAD_MODES = ("keep", "grow")
+KV_HEAD_MODES = ("tile", "keep")
 
 
-def layout_for(tags: set, size: int, k: int, rope: str = "spread") -> Layout:
-    """Keep-heads growth: head counts, batch-like and terminal axes stay; rotary frequency axes
-    spread (or repeat, with remap); every other width axis repeats k times."""
-    if tags & KEPT_TAGS:
+def kept_whole(tags: set, heads: str = "keep") -> bool:
+    """Dimensions that keep their size whatever they are made of."""
+    always = {"fixed", "terminal"}
+    if heads == "keep":
+        return bool(tags & (always | {"heads", "copies"}))
+    return bool(tags & (always | {"head_dim"}))
+
+
+def layout_for(tags: set, size: int, k: int, rope: str = "spread", heads: str = "keep", kv_heads: str = "tile") -> Layout:
+    """The layout of one undivided width dimension under the chosen growth."""
+    if kept_whole(tags, heads):
         return Layout.repeat(size, 1)
+    if heads == "grow":
+        if "copies" in tags:
+            return Layout.repeat(size, k if kv_heads == "keep" else 1)
+        if "kv_heads" in tags and kv_heads == "keep":
+            return Layout.repeat(size, 1)
+        return Layout.repeat(size, k)
     if "rotary" in tags and rope == "spread":
         return Layout.spread(size, k)
     return Layout.repeat(size, k)

@@ -34,6 +34,10 @@ def product(an, node):
         if s is not None:
             D.tag_all(s, "heads")
     an.set(out, tuple(batch) + (ra[-2], rb[-1]))
+    if contracted is not None:
+        D.tag_all(contracted, "head_dim")
+    elif rb[-1] is not None:
+        D.tag_all(rb[-1], "head_dim")  # probs @ v: v's head size
     terms = [Term("copies", contracted)] if contracted is not None else []
     an.scale.relation({out: 1.0, a: -1.0, b: -1.0}, an.name(node), *terms)
     if contracted is not None:

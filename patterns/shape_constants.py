@@ -125,6 +125,13 @@ def reshape(an, node):
 def expand(an, node):
     x, out = node.input[0], node.output[0]
     axes = broadcast_axes(an, node, [x])
+    xs, os_ = an.shape(x), an.shape(out)
+    off = len(os_) - len(xs)
+    for j in range(len(os_)):
+        if axes[j] is None and j >= off and xs[j - off] == 1 and os_[j] > 1 and j > off and an.ax(x)[j - off - 1] is not None:
+            # repeat_kv: [B, kv_heads, 1 -> n_rep, S, D]; the copies axis and the kv heads before it.
+            axes[j] = an.new_sym(os_[j], node, tags={"copies"})
+            axes[j - 1].find().tags.add("kv_heads")
     an.set(out, axes)
     an.scale.equal(out, x, an.name(node))
 
