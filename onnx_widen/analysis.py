@@ -139,11 +139,4 @@ def run(graph: Graph, info: ShapeInfo, registry) -> Analysis:
                 an.uncovered.append((node, f"no pattern covers {node.op_type} on a width path (input {tracked_in[0]!r})"))
             continue
         handler(an, node)
-    for out in list(graph.outputs) + list(graph.inputs):
-        # Inputs too: an encoder's hidden-state output fed to a separately exported decoder must
-        # arrive with the convention it left with.
-        if out.name in an.axes and not any(a is not None and "heads" in a.find().tags for a in an.ax(out.name)):
-            # Hidden-state outputs leave as R(h)/sqrt(k) (the post's convention); others unscaled.
-            # Attention state (present keys/values) keeps the scale the layer gives it; the mapping records it.
-            an.scale.fix(out.name, f"graph input/output {out.name!r}", Term("output", out.name))
     return an

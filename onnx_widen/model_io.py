@@ -342,9 +342,9 @@ def _load_external(model, base, path=""):
             raise WidenError(f"{path}: tensor {t.name!r}: external data has no location")
         full = os.path.realpath(os.path.join(base, loc))
         if os.path.isabs(loc) or not full.startswith(real_base + os.sep):
-            raise WidenError(f"tensor {t.name!r}: external data location {loc!r} points outside the model's folder")
+            raise WidenError(f"{path}: tensor {t.name!r}: external data location {loc!r} points outside the model's folder")
         if not os.path.isfile(full):
-            raise WidenError(f"tensor {t.name!r}: external data file {loc!r} is missing")
+            raise WidenError(f"{path}: tensor {t.name!r}: external data file {loc!r} is missing")
         fsize = os.path.getsize(full)
         need = data_bytes(t)
         if length is None:
@@ -352,7 +352,7 @@ def _load_external(model, base, path=""):
         if offset < 0 or (length is not None and length < 0):
             raise WidenError(f"{path}: tensor {t.name!r}: negative external data offset or length")
         if length is not None and offset + length > fsize:
-            raise WidenError(f"tensor {t.name!r}: external data file {loc!r} is too short ({fsize} bytes; "
+            raise WidenError(f"{path}: tensor {t.name!r}: external data file {loc!r} is too short ({fsize} bytes; "
                              f"the tensor needs bytes {offset}..{offset + length})")
         files.add(full)
     if not files:

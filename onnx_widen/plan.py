@@ -12,6 +12,7 @@ from . import rules
 from .analysis import Analysis
 from .errors import WidenError
 from .graph import attr
+from .scales import Term
 from .shapes import evaluate
 
 TRANSPARENT_TO_OUTPUT = {"Reshape", "Transpose", "Identity", "Cast", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather",
@@ -140,12 +141,31 @@ def build(an: Analysis, opts: Options) -> Plan:
                              "but carries no width (it is not derived from widened tensors)")
     _canonical_scale_constants(plan)
     _shape_constants(plan)
+    _io_conventions(plan)
     tracked = set(an.axes)
     plan.scales = an.scale.solve(plan, rules.residual_log_scale(opts.residual, opts.factor), tracked)
     _parameters(plan)
     _scalars_and_attrs(plan)
     _io_mappings(plan)
     return plan
+
+
+def _io_conventions(plan: Plan):
+    """Graph outputs (and hidden-state inputs, so that an encoder's output fed to a separately
+    exported decoder arrives as it left) that keep their shape keep their values exactly. A
+    widened hidden state leaves as R(h)/sqrt(k), the post's convention, unless that would cost a
+    canonical epsilon (the same norm feeding a tied head): then it leaves at the scale the graph
+    gives it, recorded in the mapping. Attention state (KV caches) keeps its layer's scale."""
+    an = plan.an
+    for vi in list(an.graph.outputs) + list(an.graph.inputs):
+        name = vi.name
+        if name not in an.axes or any(a is not None and "heads" in a.find().tags for a in an.ax(name)):
+            continue
+        where = f"graph input/output {name!r}"
+        if plan.widened(name):
+            an.scale.prefer(name, where, weight=1e3, target=Term("output", name), tier=2)
+        else:
+            an.scale.fix(name, where)
 
 
 def _mark_terminal(an: Analysis):
@@ -298,7 +318,8 @@ def _retarget(plan: Plan, node, idx, elem, value):
 
 
 def _factor(plan: Plan, coefs: dict, const: float = 0.0) -> float:
-    return math.exp(sum(c * plan.scales.get(t, 0.0) for t, c in coefs.items()) + const)
+    log = sum(c * plan.scales.get(t, 0.0) for t, c in coefs.items()) + const
+    return 1.0 if abs(log) < 1e-9 else math.exp(log)  # solver round-off is not a rescale
 
 
 def _parameters(plan: Plan):
@@ -376,5 +397,10 @@ def _io_mappings(plan: Plan):
         name = vi.name
         if name not in an.axes or not plan.widened(name):
             continue
+        conv = plan.log_output(name)
+        heads = any(a is not None and "heads" in a.find().tags for a in an.ax(name))
+        if not heads and abs(plan.scales.get(name, 0.0) - conv) > 1e-9:
+            plan.notes.append(f"{name!r} leaves at scale {math.exp(plan.scales.get(name, 0.0)):.6g}, not 1/sqrt(K): "
+                              "the same norm feeds a tied head, whose factor keeps the epsilons canonical (see the mapping)")
         axes = {str(i): plan.layout(a).to_json() for i, a in enumerate(an.ax(name)) if a is not None and not plan.layout(a).identity}
         plan.io[name] = {"axes": axes, "scale": math.exp(plan.scales.get(name, 0.0))}

@@ -45,6 +45,8 @@ class Preference:
     tensor: str
     where: str
     weight: float = 1.0
+    target: Term | None = None  # None: the residual scale
+    tier: int = 0  # >0: tried as a hard constraint first, lower tiers before higher ones
 
 
 @dataclass
@@ -64,21 +66,23 @@ class ScaleSystem:
             c[k] = c.get(k, 0.0) + v
         self.constraints.append(Constraint(c, list(terms), where))
 
-    def prefer(self, t: str, where: str, weight: float = 1.0):
-        self.prefs.append(Preference(t, where, weight))
+    def prefer(self, t: str, where: str, weight: float = 1.0, target: Term | None = None, tier: int = 0):
+        self.prefs.append(Preference(t, where, weight, target, tier))
 
     def solve(self, ctx, residual_log: float, tracked: set[str]) -> dict[str, float]:
-        """Strong preferences (norm inputs) are first tried as hard constraints, then as heavy weights."""
-        strong = [p for p in self.prefs if p.weight > 1.0]
-        if strong:
+        """Tiered preferences are tried as hard constraints, most important first (norm inputs,
+        then output conventions); what cannot hold exactly stays a heavy preference."""
+        tiers = sorted({p.tier for p in self.prefs if p.tier > 0})
+        for cut in range(len(tiers), 0, -1):
+            hard = [p for p in self.prefs if 0 < p.tier <= tiers[cut - 1]]
             try:
-                return self._solve(ctx, residual_log, tracked, as_constraints=strong)
+                return self._solve(ctx, residual_log, tracked, as_constraints=hard)
             except WidenError:
-                pass
+                continue
         return self._solve(ctx, residual_log, tracked, as_constraints=[])
 
     def _solve(self, ctx, residual_log, tracked, as_constraints):
-        hard = [Constraint({p.tensor: 1.0}, [Term("const", residual_log)], p.where) for p in as_constraints]
+        hard = [Constraint({p.tensor: 1.0}, [p.target or Term("const", residual_log)], p.where) for p in as_constraints]
         soft = [p for p in self.prefs if not any(p is q for q in as_constraints)]
         # Most constraints say x_a = x_b + c: fold them into classes first (union-find with offsets),
         # so the least-squares system has one unknown per class, not one per tensor.
@@ -120,8 +124,9 @@ class ScaleSystem:
             for p in soft:
                 if p.tensor in tracked:
                     r, off = uf.find(p.tensor)
+                    goal = p.target.eval(ctx) if p.target is not None else residual_log
                     P[idx[r], idx[r]] += p.weight
-                    q[idx[r]] += p.weight * (residual_log - off)
+                    q[idx[r]] += p.weight * (goal - off)
             m = A.shape[0]
             K = np.block([[2 * P, A.T], [A, np.zeros((m, m))]])
             sol, *_ = np.linalg.lstsq(K, np.concatenate([2 * q, bb]), rcond=None)

@@ -36,7 +36,7 @@ def norm_op(an, node, params=("gamma", "beta"), kind="layernorm"):
         an.fail(node, "mean / inverse-std outputs are not supported")
     an.attrs.append(AttrUse(node, "epsilon", {x: 2.0}))
     an.scale.prefer(out, an.name(node))
-    an.scale.prefer(x, an.name(node), weight=NORM_INPUT_WEIGHT)
+    an.scale.prefer(x, an.name(node), weight=NORM_INPUT_WEIGHT, tier=1)
     an.matches.append(Match(kind, [an.name(node)], {"epsilon": attr(node, "epsilon", 1e-5), "dim": an.shape(x)[-1]}))
 
 
@@ -48,7 +48,7 @@ PATTERNS = [OpPattern("layernorm", ("LayerNormalization",), layer_norm)]
 
 def hold_input(an, nodes):
     """A decomposed norm's input, like the op's, is held at the residual scale (canonical eps)."""
-    an.scale.prefer(nodes[-1].input[0], an.name(nodes[0]), weight=NORM_INPUT_WEIGHT)
+    an.scale.prefer(nodes[-1].input[0], an.name(nodes[0]), weight=NORM_INPUT_WEIGHT, tier=1)
 
 
 # ReduceMean -> Sub -> Pow -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul(gamma) -> Add(beta), read backwards from Div.

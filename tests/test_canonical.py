@@ -5,7 +5,7 @@ import pytest
 from onnx_widen import widen
 from onnx_widen.structure import differences
 
-from conftest import NAMES, load_sample, load_wide_skeleton
+from conftest import SUPPORTED as NAMES, load_sample, load_wide_skeleton
 
 
 @pytest.mark.parametrize("k", [2, 3])

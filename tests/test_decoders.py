@@ -1,0 +1,105 @@
+"""Decoder and encoder-decoder families: RoPE placements, KV caches, GQA, tied heads with a
+rescale, head-count growth. Function against the small model, structure against native exports."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_widen import WidenError, validate, widen
+from onnx_widen.apply import read_mapping
+from onnx_widen.validation import make_inputs
+
+from conftest import UNSUPPORTED, load_sample, load_wide_skeleton, max_rel_error, run, widen_feeds
+
+ROPE = ["llama_ts17", "llama_dyn18", "qwen2_ts17", "qwen2_dyn18", "llama_past_ts17", "llama_past_dyn18"]
+
+
+def _err(small, wide, seed=0, dims=None):
+    mapping = read_mapping(wide)["tensors"]
+    feeds = make_inputs(small, seed=seed, dims=dims)
+    return max_rel_error(run(small, feeds), run(wide, widen_feeds(feeds, mapping)), mapping)
+
+
+def _inv_freq(model):
+    for t in model.graph.initializer:
+        if "inv_freq" in t.name:
+            return onnx.numpy_helper.to_array(t)
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            v = onnx.numpy_helper.to_array(n.attribute[0].t)
+            if v.dtype == np.float32 and v.ndim >= 1 and v.size >= 8 and v.reshape(-1)[0] == 1.0 and np.all(np.diff(v.reshape(-1)) <= 0):
+                return v
+    raise AssertionError("no inv_freq")
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("name", ROPE)
+def test_rope_remap_is_exact_but_not_the_wide_frequencies(name, k):
+    small = load_sample(name)
+    wide = widen(small, factor=k, rope="remap")
+    assert _err(small, wide) < 2e-5
+    native = _inv_freq(load_wide_skeleton(name, k))
+    assert not np.allclose(_inv_freq(wide).reshape(-1), native.reshape(-1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("name", ROPE)
+def test_rope_spread_has_the_wide_configs_frequencies(name, k):
+    wide = widen(load_sample(name), factor=k)
+    np.testing.assert_allclose(_inv_freq(wide).reshape(-1), _inv_freq(load_wide_skeleton(name, k)).reshape(-1), rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["llama_past_ts17", "llama_past_dyn18"])
+def test_kv_cache_is_widened_and_validated_with_a_non_empty_past(name):
+    small = load_sample(name)
+    wide = widen(small, factor=2)
+    m = read_mapping(wide)["tensors"]
+    key, value = m["past_key_values.0.key"], m["past_key_values.0.value"]
+    assert set(key["axes"]) == {"3"} and set(value["axes"]) == {"3"}, "kv heads keep their count; only head size grows"
+    assert key["scale"] == pytest.approx(2 ** 0.25)  # q and k carry k**0.25 each against 1/sqrt(k*dh)
+    assert value["scale"] == pytest.approx(1.0)
+    assert m["present.0.key"] == key
+    feeds = make_inputs(small)
+    past = feeds["past_key_values.0.key"]
+    assert past.shape[2] > 0 and np.abs(past).max() > 0
+    res = validate(small, wide)
+    assert res.ok and {o.name for o in res.outputs} >= {"logits", "present.1.value"}
+
+
+def test_gpt2_hidden_state_output_yields_to_the_tied_head():
+    """Same norm feeds the tied LM head and last_hidden_state: epsilons stay canonical, the output's
+    scale (1/K, not 1/sqrt(K)) is recorded in the mapping and validation uses it."""
+    small = load_sample("gpt2_ts17")
+    wide = widen(small, factor=2)
+    assert read_mapping(wide)["tensors"]["last_hidden_state"]["scale"] == pytest.approx(0.5)
+    assert validate(small, wide).ok
+
+
+@pytest.mark.parametrize("name", ["t5_ts17", "t5_dyn18"])
+def test_t5_rescale_before_tied_head_takes_the_wide_value(name):
+    wide = widen(load_sample(name), factor=2)
+    scalars = sorted({float(onnx.numpy_helper.to_array(t)) for t in wide.graph.initializer if not t.dims and t.data_type == 1}
+                     | {float(onnx.numpy_helper.to_array(n.attribute[0].t)) for n in wide.graph.node
+                        if n.op_type == "Constant" and n.attribute[0].type == 4 and not n.attribute[0].t.dims
+                        and n.attribute[0].t.data_type == 1})
+    assert any(abs(v - 128 ** -0.5) < 1e-7 for v in scalars) and not any(abs(v - 0.125) < 1e-9 for v in scalars)
+
+
+@pytest.mark.parametrize("kv", ["tile", "keep"])
+@pytest.mark.parametrize("name", ["llama_ts17", "llama_dyn18", "llama_past_ts17", "qwen2_dyn18", "gpt2_ts17", "bert_dyn18"])
+def test_head_count_growth(name, kv):
+    small = load_sample(name)
+    wide = widen(small, factor=2, heads="grow", kv_heads=kv)
+    assert _err(small, wide) < 2e-5
+    m = read_mapping(wide)["tensors"]
+    if "past_key_values.0.key" in m:
+        axes = m["past_key_values.0.key"]["axes"]
+        assert set(axes) == ({"1"} if kv == "tile" else set()) or kv == "keep"
+        assert m["past_key_values.0.key"]["scale"] == pytest.approx(1.0)  # head size kept: no q/k factor
+
+
+@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
+def test_interleaved_rope_from_a_cache_is_refused_clearly(name):
+    with pytest.raises(WidenError, match="strided slice along a widened axis"):
+        widen(load_sample(name), factor=2)
