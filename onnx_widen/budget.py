@@ -45,10 +45,35 @@ def _itemsize(t) -> int:
     return (b // n) if b is not None and n else 0
 
 
+def _const_tensors(model: onnx.ModelProto) -> dict:
+    """Constant nodes' `value` tensors by output name (some exporters put weights there)."""
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    out[n.output[0]] = a.t
+    return out
+
+
+def _tensors(model: onnx.ModelProto) -> dict:
+    """Every constant the plan may rewrite, by name: initializers and Constant `value` tensors."""
+    out = _const_tensors(model)
+    out.update({t.name: t for t in model.graph.initializer})
+    return out
+
+
+def _bytes(t) -> int:
+    b = data_bytes(t)
+    return b if b is not None else len(t.raw_data)
+
+
 def _overhead(model: onnx.ModelProto) -> int:
-    """Bytes of everything but initializer data (nodes, signature, metadata): stays the same."""
+    """Bytes of everything but constant data (nodes, signature, metadata): stays the same."""
     g = model.graph
-    return sum(n.ByteSize() for n in g.node) + sum(v.ByteSize() for v in list(g.input) + list(g.output)) + 4096 + 64 * len(g.initializer)
+    consts = _const_tensors(model)
+    nodes = sum(n.ByteSize() for n in g.node) - sum(_bytes(t) for t in consts.values())
+    return max(0, nodes) + sum(v.ByteSize() for v in list(g.input) + list(g.output)) + 4096 + 64 * len(g.initializer)
 
 
 def _uses(model: onnx.ModelProto) -> dict:
@@ -61,65 +86,66 @@ def _uses(model: onnx.ModelProto) -> dict:
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    return sum(data_bytes(t) or len(t.raw_data) for t in model.graph.initializer) + _overhead(model)
+    return sum(_bytes(t) for t in _tensors(model).values()) + _overhead(model)
 
 
 def upper_bound(model: onnx.ModelProto, k: int) -> int:
     uses = _uses(model)
     total = _overhead(model)
-    for t in model.graph.initializer:
-        b = data_bytes(t) or len(t.raw_data)
+    for name, t in _tensors(model).items():
+        b = _bytes(t)
         if t.data_type in FLOAT_TYPES and len(t.dims) >= 1:
-            total += b * k ** len(t.dims) * max(1, uses.get(t.name, 0))
+            total += b * k ** len(t.dims) * max(1, uses.get(name, 0))
         else:
             total += b
     return total
 
 
 def _groups(plan):
-    """Per initializer: the distinct recipes of its uses, as apply groups them (None: unchanged)."""
+    """Per constant: the distinct recipes of its uses, as apply groups them (None: unchanged)."""
     g = plan.an.graph
+    tensors = _tensors(g.model)
     by_name = defaultdict(dict)
     for n in g.nodes:
         for i, name in enumerate(n.input):
-            if name and name in g.inits:
+            if name and name in tensors:
                 e = plan.edits.get((id(n), i))
                 recipe = e[3] if e is not None else None
                 by_name[name].setdefault(recipe.key if recipe is not None else None, recipe)
-    return g, by_name
+    return g, tensors, by_name
 
 
 def _recipe_bytes(t, recipe, grow) -> int:
     if recipe is None:
-        return data_bytes(t) or len(t.raw_data)
+        return _bytes(t)
     if recipe.value is not None:
         return int(recipe.value.nbytes)
     dims = [grow(lay, n) for lay, n in zip(recipe.layouts, t.dims)]
     return math.prod(dims) * _itemsize(t)
 
 
-def from_plan(plan) -> int:
-    g, by_name = _groups(plan)
+def _total(plan, grow) -> int:
+    g, tensors, by_name = _groups(plan)
     total = _overhead(g.model)
-    for t in g.model.graph.initializer:
-        recipes = by_name.get(t.name) or {None: None}
-        total += sum(_recipe_bytes(t, r, lambda lay, n: lay.wide if lay is not None else n) for r in recipes.values())
+    for name, t in tensors.items():
+        recipes = by_name.get(name) or {None: None}
+        total += sum(_recipe_bytes(t, r, grow) for r in recipes.values())
     return total
+
+
+def from_plan(plan) -> int:
+    """Bytes of the output the plan describes (recipes' wide shapes; un-shared uses counted apart)."""
+    return _total(plan, lambda lay, n: lay.wide if lay is not None else n)
 
 
 def extrapolate(plan2, k: int) -> int:
     """Output bytes at factor k from a plan built at factor 2 (an axis that doubled grows by k)."""
     def grow(lay, n):
-        if lay is None or n == 0:
+        if lay is None or n == 0 or lay.wide == n:
             return n
-        return lay.wide * k // 2 if lay.wide != n else n
+        return lay.wide * k // 2
 
-    g, by_name = _groups(plan2)
-    total = _overhead(g.model)
-    for t in g.model.graph.initializer:
-        recipes = by_name.get(t.name) or {None: None}
-        total += sum(_recipe_bytes(t, r, grow) for r in recipes.values())
-    return total
+    return _total(plan2, grow)
 
 
 # ---- what the machine has -----------------------------------------------------------------------
@@ -202,14 +228,17 @@ def check(output_bytes: int, small_bytes: int, out_path: str, factor: int, valid
 
 def preflight(model: onnx.ModelProto, opts, out_path: str, validate: bool = True):
     """Refuse a factor whose output cannot fit, before planning at that factor. Cheap when the
-    upper bound fits (the common case); otherwise plans once at factor 2 and extrapolates."""
+    upper bound fits (the common case); otherwise plans once at factor 2 and extrapolates.
+    Returns that factor-2 plan when it is the plan asked for (factor 2), else None."""
+    import dataclasses
+
     factor = opts.factor
     small = model_bytes(model)
     ub = upper_bound(model, factor)
     if not budget(ub, small, out_path, validate).problems():
         return None
-    from . import plan as plan_mod
     from .api import build_plan
 
-    probe = build_plan(model, plan_mod.Options(factor=2, residual=opts.residual, rope=opts.rope))
-    return check(extrapolate(probe, factor), small, out_path, factor, validate)
+    probe = build_plan(model, dataclasses.replace(opts, factor=2))
+    check(extrapolate(probe, factor), small, out_path, factor, validate)
+    return probe if factor == 2 else None

@@ -175,6 +175,8 @@ def sort_nodes(model: onnx.ModelProto, path: str = ""):
         seen.update(n.output)
     if in_order:
         return
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+        return  # subgraphs read outer names implicitly: leave the order to the checker
     produced_by = {}
     for idx, n in enumerate(nodes):
         for o in n.output:

@@ -56,12 +56,13 @@ class Recipe:
         if self.value is not None:
             return self.value
         widened = [i for i, l in enumerate(self.layouts) if l is not None and not l.identity]
-        if self.param.role == "rotary frequencies" and widened:
+        if self.param.role in ("rotary frequencies", "rotary cache") and widened:
             axis = widened[0]
-            out = rules.rotary_frequencies(original, self.layouts[axis], axis)
+            compute = rules.rotary_frequencies if self.param.role == "rotary frequencies" else rules.rotary_cache
+            out = compute(original, self.layouts[axis], axis)
             if out is None:
-                raise WidenError(f"rotary frequencies {self.param.name!r} are not a geometric series (scaled RoPE): "
-                                 "the wide config's frequencies are unknown; use --rope remap")
+                raise WidenError(f"{self.param.role} {self.param.name!r} do not follow a geometric series of frequencies "
+                                 "(scaled RoPE): the wide config's frequencies are unknown; use --rope remap")
             return out
         out = rules.widen_tensor(original, list(self.layouts), self.param.read_axes, self.factor)
         return out.astype(original.dtype)

@@ -90,7 +90,7 @@ def layout_for(tags: set, size: int, k: int, rope: str = "spread", heads: str = 
         if "kv_heads" in tags and kv_heads == "keep":
             return Layout.repeat(size, 1)
         return Layout.repeat(size, k)
-    if "rotary" in tags and rope == "spread":
+    if tags & {"rotary", "spread"} and rope == "spread":
         return Layout.spread(size, k)
     return Layout.repeat(size, k)
 
@@ -114,3 +114,28 @@ def rotary_frequencies(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
     valid = lay.src >= 0
     wide[..., valid] = f[..., lay.src[valid]]
     return np.moveaxis(wide, -1, axis).astype(small.dtype)
+
+
+def rotary_cache(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
+    """A [.., positions, sin(f) | cos(f)] cache for the wide head: frequencies read back from the
+    cache (row 1), widened like inv_freq, sines and cosines recomputed for every position; units
+    copied from the small cache keep their exact values."""
+    if axis != small.ndim - 1:
+        return None
+    table = small.astype(np.float64)
+    n = table.shape[-1] // 2
+    positions = table.shape[-2]
+    rows = table.reshape(-1, positions, 2 * n)
+    f = np.arctan2(rows[0, 1, :n], rows[0, 1, n:])
+    p = np.arange(positions)[:, None]
+    if not (np.allclose(np.sin(p * f), rows[0, :, :n], atol=1e-4) and np.allclose(np.cos(p * f), rows[0, :, n:], atol=1e-4)):
+        return None
+    half = Layout(lay.src[: len(lay.src) // 2], n)
+    fw = rotary_frequencies(f.astype(np.float64), half, 0)
+    if fw is None:
+        return None
+    wide = np.concatenate([np.sin(p * fw), np.cos(p * fw)], axis=-1)
+    valid = lay.src >= 0
+    wide = np.broadcast_to(wide, rows.shape[:1] + wide.shape).copy()
+    wide[..., valid] = rows[..., lay.src[valid]]
+    return wide.reshape(small.shape[:-1] + (lay.wide,)).astype(small.dtype)

@@ -5,7 +5,7 @@ from onnx_widen.match import Registry
 
 from . import activation, attention, elementwise, embedding, layernorm, linear, rmsnorm, rope, shape_constants
 
-MODULES = (embedding, rope, linear, attention, layernorm, rmsnorm, activation, elementwise, shape_constants)
+MODULES = (rope, embedding, linear, attention, layernorm, rmsnorm, activation, elementwise, shape_constants)
 PATTERNS = [p for m in MODULES for p in m.PATTERNS]
 RECOGNIZERS = [r for m in MODULES for r in getattr(m, "RECOGNIZERS", ())]
 REGISTRY = Registry(PATTERNS)

@@ -36,6 +36,10 @@ def product(an, node):
     an.set(out, tuple(batch) + (ra[-2], rb[-1]))
     if contracted is not None:
         D.tag_all(contracted, "head_dim")
+        if any("rotary" in leaf.tags for leaf in D.leaves(contracted)):
+            # Partial rotary: the pass-through units spread like the rotary ones, so that every
+            # unit of the head appears once and q.k needs one factor (sqrt k) for the whole head.
+            D.tag_all(contracted, "spread")
     elif rb[-1] is not None:
         D.tag_all(rb[-1], "head_dim")  # probs @ v: v's head size
     terms = [Term("copies", contracted)] if contracted is not None else []

@@ -190,7 +190,14 @@ def slice_(an, node):
         if xa[a] is None or (start, stop, step) == (0, xs[a], 1):
             continue
         if step != 1:
-            an.fail(node, "strided slice along a widened axis (interleaved RoPE) is not supported yet")
+            # x[..., s::step] of an axis read as [n/step, step]: the units of one position of
+            # the stride (interleaved RoPE pairs). The stride axis itself never widens.
+            if step < 0 or start >= step or xs[a] % step or stop < xs[a] - (xs[a] - 1 - start) % step:
+                an.fail(node, f"strided slice {start}:{stop}:{step} of a widened axis is not a whole stride position")
+            units, stride = D.split(xa[a], [xs[a] // step, step], an.name(node))
+            stride.find().tags.add("fixed")
+            xa[a] = units
+            continue
         xa[a] = _piece(an, node, xa[a], start, stop, an.name(node))
         width_slices.append((i, a, start, stop))
     an.set(out, xa)
@@ -263,6 +270,25 @@ def concat(an, node):
             an.scale.fix(out, an.name(node))
 
 
+def tile(an, node):
+    """Tile copies along axes; a size-1 axis tiled beside a width axis is repeat_interleave."""
+    x, out = node.input[0], node.output[0]
+    reps = an.value(node.input[1])
+    if reps is None:
+        an.fail(node, "repeats must be known from shapes and constants")
+    xa, xs = an.ax(x), an.shape(x)
+    axes = list(xa)
+    for j, r in enumerate(np.atleast_1d(reps)):
+        if r == 1:
+            continue
+        if xa[j] is not None:
+            an.fail(node, "tiling a widened axis")
+        if xs[j] == 1 and j > 0 and xa[j - 1] is not None:
+            axes[j] = an.new_sym(int(r), node, tags={"copies"})
+    an.set(out, axes)
+    an.scale.equal(out, x, an.name(node))
+
+
 def shape_of(an, node):
     """Shape/Size of a tracked tensor: an integer result, checked where it is consumed."""
 
@@ -278,4 +304,5 @@ PATTERNS = [
     OpPattern("gather", ("Gather",), gather),
     OpPattern("concat", ("Concat",), concat),
     OpPattern("shape", ("Shape", "Size"), shape_of),
+    OpPattern("tile", ("Tile",), tile),
 ]

@@ -90,6 +90,21 @@ def test_corpus_case(corpus, case, capfd):
         (corpus / case["readonly"]).chmod(0o755)
 
 
+FILE_CASES = [c for c in CASES if c["exit"] == 1 and not c["args"] and c["out"] == "out.onnx"]
+
+
+@pytest.mark.parametrize("case", FILE_CASES, ids=[c["case"] for c in FILE_CASES])
+@pytest.mark.parametrize("command", ["inspect", "validate"])
+def test_other_commands_on_bad_files(corpus, case, command, capfd):
+    """inspect and validate read the same files: a clean line or a normal result, never a traceback."""
+    src = str(corpus / case["input"])
+    argv = ["inspect", src] if command == "inspect" else ["validate", src, str(corpus / "tiny.onnx")]
+    code = main(argv)
+    err = capfd.readouterr().err
+    assert code in (0, 1, 2) and "Traceback" not in err and "internal error" not in err
+    assert len(err.strip().splitlines()) <= 1, err
+
+
 def onnx_widen_validate(small, wide):
     import onnx_widen
 
@@ -265,6 +280,19 @@ def test_extrapolated_size_equals_planned_size():
     p2, p5 = build_plan(model, Options(factor=2)), build_plan(model, Options(factor=5))
     assert budget.extrapolate(p2, 5) == budget.from_plan(p5)
     assert budget.from_plan(p5) <= budget.upper_bound(model, 5)
+
+
+def test_upper_bound_too_big_but_plan_fits(tmp_path, monkeypatch):
+    """When only the cheap bound is over the free space, the factor-2 plan decides (and is reused)."""
+    from onnx_widen.api import build_plan
+    from onnx_widen.plan import Options
+
+    model = model_io.load_model(BERT)
+    exact, ub = budget.from_plan(build_plan(model, Options(factor=2))), budget.upper_bound(model, 2)
+    assert ub > exact
+    monkeypatch.setattr(budget, "free_disk", lambda folder: (exact + ub) // 2)
+    s = widen_file(BERT, str(tmp_path / "o.onnx"), 2)
+    assert s["validation"]["ok"] and os.path.getsize(tmp_path / "o.onnx") < (exact + ub) // 2
 
 
 @pytest.mark.parametrize("resource", ["disk", "memory"])

@@ -10,7 +10,7 @@ from onnx_widen import WidenError, validate, widen
 from onnx_widen.apply import read_mapping
 from onnx_widen.validation import make_inputs
 
-from conftest import UNSUPPORTED, load_sample, load_wide_skeleton, max_rel_error, run, widen_feeds
+from conftest import load_sample, load_wide_skeleton, max_rel_error, run, widen_feeds
 
 ROPE = ["llama_ts17", "llama_dyn18", "qwen2_ts17", "qwen2_dyn18", "llama_past_ts17", "llama_past_dyn18"]
 
@@ -99,7 +99,22 @@ def test_head_count_growth(name, kv):
         assert m["past_key_values.0.key"]["scale"] == pytest.approx(1.0)  # head size kept: no q/k factor
 
 
-@pytest.mark.parametrize("name", sorted(UNSUPPORTED))
-def test_interleaved_rope_from_a_cache_is_refused_clearly(name):
-    with pytest.raises(WidenError, match="strided slice along a widened axis"):
-        widen(load_sample(name), factor=2)
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("name", ["gptj_ts17", "gptj_dyn18"])
+def test_interleaved_rope_cache_takes_the_wide_frequencies(name, k):
+    """GPT-J: rotary_dim 8 of head size 16, sin|cos cache gathered by position. The widened cache is
+    the wide config's (rotary_dim 8K, base 10000), computed here from the formula, not the tool."""
+    small = load_sample(name)
+    wide = widen(small, factor=k)
+    assert _err(small, wide) < 2e-5
+    tables = [onnx.numpy_helper.to_array(t) for t in wide.graph.initializer if t.dims and t.dims[-1] == 8 * k and len(t.dims) >= 2]
+    tables += [onnx.numpy_helper.to_array(n.attribute[0].t) for n in wide.graph.node if n.op_type == "Constant"
+               and n.attribute[0].t.dims and n.attribute[0].t.dims[-1] == 8 * k and len(n.attribute[0].t.dims) >= 2]
+    assert tables, "no widened sin|cos cache"
+    rot = 8 * k
+    f = 10000.0 ** (-np.arange(0, rot, 2) / rot)
+    p = np.arange(tables[0].shape[-2])[:, None]
+    expected = np.concatenate([np.sin(p * f), np.cos(p * f)], axis=-1)
+    np.testing.assert_allclose(tables[0].reshape(-1, *expected.shape)[0], expected, atol=2e-6)
+    remap = widen(small, factor=k, rope="remap")
+    assert _err(small, remap) < 2e-5
