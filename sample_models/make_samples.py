@@ -1022,6 +1022,20 @@ def make_sample(a: Arch, name: str, attn: str, exporter: str, opset: int, out: s
     }
 
 
+# The trap a rewrite-by-value tool falls into: LLaMA with a KV cache exported with past 5 +
+# sequence 3 = 8 = head_dim / 2, so the dynamo exporter keeps ONE int64 constant 8 for both the
+# total length (must stay 8) and the rotate_half Slice bound (must become 8K).
+import dataclasses as _dc  # noqa: E402
+
+ARCHS.append(_dc.replace(
+    next(a for a in ARCHS if a.arch == "llama_past"), arch="llama_trap",
+    variants=[("llama_trap_dyn18", "sdpa", "dynamo", 18)],
+    example_static=(EXAMPLE_BATCH, PAST_SEQ, PAST_LEN),
+    notes="LLaMA with KV cache, dynamo, static past 5 + sequence 3 = 8 = head_dim/2: one shared "
+          "int64 constant 8 serves as total length and as rotate_half Slice bound (the value trap).",
+))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))

@@ -118,3 +118,25 @@ def test_interleaved_rope_cache_takes_the_wide_frequencies(name, k):
     np.testing.assert_allclose(tables[0].reshape(-1, *expected.shape)[0], expected, atol=2e-6)
     remap = widen(small, factor=k, rope="remap")
     assert _err(small, remap) < 2e-5
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_value_trap_sequence_equals_half_head_size(k):
+    """llama_trap: static past 5 + sequence 3 = 8 = head_dim/2. The widened graph equals the native
+    export; a rewrite of every integer 8 into 8K (by value, not role) does not."""
+    small = load_sample("llama_trap_dyn18")
+    native = load_wide_skeleton("llama_trap_dyn18", k)
+    wide = widen(small, factor=k)
+    assert _err(small, wide) < 2e-5
+    from onnx_widen.structure import differences
+
+    assert differences(wide, native) == {}
+    naive = onnx.ModelProto()
+    naive.CopyFrom(wide)
+    for t in naive.graph.initializer:
+        if t.data_type == onnx.TensorProto.INT64 and 0 < len(t.dims) <= 1:
+            v = onnx.numpy_helper.to_array(t).copy()
+            if (v == 8).any():
+                v[v == 8] = 8 * k
+                t.CopyFrom(onnx.numpy_helper.from_array(v, t.name))
+    assert "int_constants" in differences(naive, native)
