@@ -52,7 +52,8 @@ def main(argv=None):
     wall = time.perf_counter() - t
     s = fuzzing.summarize(results)
     print(f"mutants tried {s['mutants']}  refusals {s['refused']}  valid outputs {s['valid']}  tracebacks {s['traceback']}  "
-          f"invalid outputs written {s['invalid_written']}  hangs {s['hang']}  crashes {s['crash']}  ({wall:.0f} s, seed {a.seed})")
+          f"invalid outputs written {s['invalid_written']}  hangs {s['hang']}  out of memory {s['out_of_memory']}  "
+          f"crashes {s['crash']}  ({wall:.0f} s, seed {a.seed})")
     print(f"{'kind':20s} " + " ".join(f"{o:>15s}" for o in fuzzing.OUTCOMES + ("skipped",)))
     for kind, c in s["by_kind"].items():
         print(f"{kind:20s} " + " ".join(f"{c.get(o, 0):15d}" for o in fuzzing.OUTCOMES + ("skipped",)))

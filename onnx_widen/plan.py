@@ -56,9 +56,9 @@ class Recipe:
         if self.value is not None:
             return self.value
         widened = [i for i, l in enumerate(self.layouts) if l is not None and not l.identity]
-        if self.param.role in ("rotary frequencies", "rotary cache") and widened:
+        if self.param.role in rules.ROTARY_TABLES and widened:
             axis = widened[0]
-            compute = rules.rotary_frequencies if self.param.role == "rotary frequencies" else rules.rotary_cache
+            compute = rules.ROTARY_TABLES[self.param.role]
             out = compute(original, self.layouts[axis], axis)
             if out is None:
                 raise WidenError(f"{self.param.role} {self.param.name!r} do not follow a geometric series of frequencies "

@@ -139,3 +139,26 @@ def rotary_cache(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
     wide = np.broadcast_to(wide, rows.shape[:1] + wide.shape).copy()
     wide[..., valid] = rows[..., lay.src[valid]]
     return wide.reshape(small.shape[:-1] + (lay.wide,)).astype(small.dtype)
+
+
+def rotary_angles(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
+    """positions x [f | f] folded into a constant: the same positions times the wide frequencies."""
+    if axis != small.ndim - 1:
+        return None
+    rows = small.reshape(-1, small.shape[-1]).astype(np.float64)
+    n = rows.shape[1] // 2
+    t = rows[:, 0]
+    r = int(np.argmax(np.abs(t)))
+    f = rows[r, :n] / t[r]
+    half = Layout(lay.src[: len(lay.src) // 2], n)
+    fw = rotary_frequencies(f, half, 0)
+    if fw is None:
+        return None
+    wide = np.outer(t, np.concatenate([fw, fw]))
+    valid = lay.src >= 0
+    wide[:, valid] = rows[:, lay.src[valid]]
+    return wide.reshape(small.shape[:-1] + (lay.wide,)).astype(small.dtype)
+
+
+# How each kind of rotary table is rebuilt at the wide config's frequencies.
+ROTARY_TABLES = {"rotary frequencies": rotary_frequencies, "rotary cache": rotary_cache, "rotary angles": rotary_angles}

@@ -66,10 +66,12 @@ def infer(graph: Graph, input_shapes: dict[str, tuple]) -> ShapeInfo:
     values: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple] = {}
     dtypes: dict[str, int] = {}
-    for _ in range(8):
-        shapes, dtypes = _onnx_infer(graph, input_shapes, values)
+    extra: dict[str, tuple] = {}  # outputs of ops onnx cannot infer (contrib ops), by their own rule
+    for _ in range(12):
+        shapes, dtypes = _onnx_infer(graph, input_shapes, values, extra)
+        grew = _same_shape_outputs(graph, shapes, dtypes, extra)
         new_values = evaluate(graph, shapes, {})
-        if set(new_values) <= set(values):
+        if set(new_values) <= set(values) and not grew:
             break
         values = new_values
     missing = [o for n in graph.nodes for o in n.output if o and o not in shapes]
@@ -79,7 +81,22 @@ def infer(graph: Graph, input_shapes: dict[str, tuple]) -> ShapeInfo:
     return ShapeInfo(shapes, dtypes, values, dict(input_shapes))
 
 
-def _onnx_infer(graph: Graph, input_shapes, values):
+# Ops whose first output has the shape and type of their first input (contrib norms and activations).
+SAME_SHAPE_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "FastGelu",
+                  "BiasGelu", "Gelu", "QuickGelu", "BiasAdd", "RotaryEmbedding", "LayerNormalization", "RMSNormalization"}
+
+
+def _same_shape_outputs(graph, shapes, dtypes, extra):
+    grew = False
+    for n in graph.nodes:
+        o = n.output[0] if n.output else ""
+        if o and o not in shapes and n.op_type in SAME_SHAPE_OPS and n.input[0] in shapes:
+            extra[o] = (shapes[n.input[0]], dtypes.get(n.input[0], TensorProto.FLOAT))
+            grew = True
+    return grew
+
+
+def _onnx_infer(graph: Graph, input_shapes, values, extra=None):
     g = graph.model.graph
     inputs, inits = [], []
     for inp in graph.inputs:
@@ -100,8 +117,9 @@ def _onnx_infer(graph: Graph, input_shapes, values):
                     folded.add(o)
             continue
         nodes.append(n)
+    value_info = [helper.make_tensor_value_info(name, dt, list(shape)) for name, (shape, dt) in (extra or {}).items()]
     proxy = helper.make_model(
-        helper.make_graph(nodes, "proxy", inputs, [], initializer=inits),
+        helper.make_graph(nodes, "proxy", inputs, [], initializer=inits, value_info=value_info),
         opset_imports=list(graph.model.opset_import),
         ir_version=graph.model.ir_version,
     )
@@ -112,7 +130,7 @@ def _onnx_infer(graph: Graph, input_shapes, values):
         except Exception as e:  # onnx raises several types; all mean the graph is inconsistent
             raise WidenError(f"shape inference failed: {str(e).splitlines()[0]}") from None
     shapes, dtypes = {}, {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + value_info:
         tt = vi.type.tensor_type
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)

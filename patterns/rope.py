@@ -170,3 +170,43 @@ def _widen_index_shape(an, idx, sym):
 
 
 PATTERNS.append(OpPattern("rotary cache", ("Gather", "GatherElements"), cache_lookup, when=_is_cache_lookup, seed=True))
+
+
+# ---- angles folded into a constant: Cos/Sin(positions x inv_freq) with static positions ---------
+def _angle_table(an, name):
+    src = const_source(an, name)
+    if src is None or src[1] is not None or an.info.dtypes.get(name) not in (TensorProto.FLOAT, TensorProto.DOUBLE):
+        return None
+    table = an.graph.const(src[0])
+    if table.ndim < 2 or table.shape[-1] % 2 or table.shape[-1] < 2:
+        return None
+    rows = table.reshape(-1, table.shape[-1]).astype(np.float64)
+    n = rows.shape[1] // 2
+    if not np.allclose(rows[:, :n], rows[:, n:]):  # rotate_half: [freqs | freqs]
+        return None
+    t = rows[:, 0]  # f_0 = base**0 = 1, so column 0 is the position
+    if np.abs(t).max() == 0 or not np.allclose(np.outer(t, rows[np.argmax(np.abs(t)), :n] / t[np.argmax(np.abs(t))]), rows[:, :n], atol=1e-4):
+        return None
+    return src[0]
+
+
+def _is_angles(an, node):
+    return not an.tracked(node.input[0]) and _angle_table(an, node.input[0]) is not None
+
+
+def angles(an, node):
+    src = _angle_table(an, node.input[0])
+    n = an.shape(node.input[0])[-1] // 2
+    pairs = an.new_sym(n, node, tags={"rotary"})
+    both = D.concat([pairs, pairs], an.name(node))
+    axes = [None] * (len(an.shape(node.input[0])) - 1) + [both]
+    an.set(node.input[0], axes)
+    for reader in an.graph.consumers.get(node.input[0], []):  # the Sin beside the Cos reads it too
+        an.param(src, reader, axes, {node.output[0]: 0.0}, role="rotary angles")
+    an.matches.append(Match("rotary angles", [an.name(node)], {"table": src, "pairs": n}))
+    from . import activation
+
+    activation.nonlinear(an, node)
+
+
+PATTERNS.append(OpPattern("rotary angles", ("Cos", "Sin"), angles, when=_is_angles, seed=True))

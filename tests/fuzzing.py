@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the checkout's onnx_widen, also in spawned workers
 SAMPLES = ROOT / "sample_models"
-OUTCOMES = ("refused", "valid", "traceback", "invalid_written", "hang", "crash")
+OUTCOMES = ("refused", "valid", "traceback", "invalid_written", "hang", "out_of_memory", "crash")
+WORKER_MEMORY = 4 << 30  # address-space limit per worker: a mutant that asks for more fails here, not the machine
 
 
 class Skip(Exception):
@@ -398,6 +399,9 @@ def run_one(task) -> dict:
         except _Timeout:
             rec.update(outcome="hang", message=f"no result after {limit} s")
             return rec
+        except MemoryError:
+            rec.update(outcome="out_of_memory", message=f"MemoryError (worker limited to {WORKER_MEMORY >> 30} GiB)")
+            return rec
         except Exception as e:  # noqa: BLE001 - the point is to catch what should not escape
             tb = traceback.extract_tb(e.__traceback__)
             frames = [f"{os.path.relpath(f.filename, ROOT) if f.filename.startswith(str(ROOT)) else os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in tb[-3:]]
@@ -425,6 +429,14 @@ def _worker_init():
     except Exception:
         pass
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        cap = WORKER_MEMORY if hard == resource.RLIM_INFINITY else min(WORKER_MEMORY, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    except (ImportError, ValueError, OSError):
+        pass
     try:  # onnxruntime's own log lines (kernel failures of broken mutants) are noise here
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 2)

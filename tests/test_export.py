@@ -42,6 +42,10 @@ CASES = {
     "bert_h48_seq_eq_dh": lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
         vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96,
         max_position_embeddings=200, num_labels=5, attn_implementation="eager")),
+    # Gemma: embeddings times sqrt(hidden) (takes the wide value), (1 + weight) RMSNorm, tied head.
+    "gemma_normaliser": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=16, intermediate_size=96, max_position_embeddings=200, use_cache=False)),
     "electra_embed_ne_hidden": lambda: transformers.ElectraForTokenClassification(transformers.ElectraConfig(
         vocab_size=100, embedding_size=32, hidden_size=48, num_hidden_layers=1, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=200, num_labels=3)),
@@ -58,3 +62,16 @@ def test_unseen_export_widens_exactly(tmp_path, case, dynamo, opset):
         feeds = make_inputs(small, seed=k)
         err = max_rel_error(run(small, feeds), run(wide, feeds), read_mapping(wide)["tensors"])
         assert err < 2e-5, f"{case} k={k}: {err:.3g}"
+
+
+@pytest.mark.parametrize("dynamo,opset", [(False, 17), (True, 18)])
+def test_gemma_normaliser_takes_the_wide_value(tmp_path, dynamo, opset):
+    import onnx
+
+    torch.manual_seed(0)
+    small = _export(_perturb(CASES["gemma_normaliser"]()), tmp_path / "g.onnx", dynamo, opset)
+    wide = widen(small, factor=2)
+    consts = [float(onnx.numpy_helper.to_array(t)) for t in wide.graph.initializer if not t.dims and t.data_type == 1]
+    consts += [float(onnx.numpy_helper.to_array(n.attribute[0].t)) for n in wide.graph.node if n.op_type == "Constant"
+               and n.attribute[0].type == 4 and not n.attribute[0].t.dims and n.attribute[0].t.data_type == 1]
+    assert any(abs(c - 128 ** 0.5) < 1e-3 for c in consts) and not any(abs(c - 8.0) < 1e-6 for c in consts)

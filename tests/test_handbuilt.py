@@ -85,3 +85,13 @@ def test_classifier_axis_not_widened_and_hidden_output_mapped():
     assert set(m) == {"hidden"}
     out = {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in wide.graph.output}
     assert out == {"logits": [16, 3], "hidden": [2, 8, 32]}
+
+
+@pytest.mark.parametrize("norm,opset", [("rms_op", 23), ("simplified", 17)])
+def test_rmsnorm_ops(norm, opset):
+    small = build(norm=norm, opset=opset, layers=2)
+    for k in (2, 3):
+        err, wide = _function_error(small, k)
+        assert err < 1e-5
+        eps = {a.f for n in wide.graph.node if n.op_type in ("RMSNormalization", "SimplifiedLayerNormalization") for a in n.attribute if a.name == "epsilon"}
+        assert eps == {np.float32(1e-5)}
