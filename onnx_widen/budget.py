@@ -203,7 +203,7 @@ class Budget:
     def problems(self) -> list:
         out = []
         if self.output_bytes > PROTOBUF_LIMIT:
-            out.append(f"a single ONNX file holds at most 2 GiB")
+            out.append("a single ONNX file holds at most 2 GiB")
         if self.ram_available is not None and self.ram_needed > self.ram_available:
             out.append(f"memory needed ~{human(self.ram_needed)}, available {human(self.ram_available)}")
         if self.disk_available is not None and self.disk_needed > self.disk_available:

@@ -74,7 +74,30 @@ def linear(an, node):
     an.matches.append(Match("linear", [where], {"weight": src, "in": d_in, "out": d_out, "op": node.op_type, "tied": tied is not None}))
 
 
-PATTERNS = [OpPattern("linear", ("MatMul", "Gemm"), linear, when=lambda an, n: _weight(an, n) is not None)]
+def _is_input_projection(an, node):
+    """A linear layer reading a float graph input directly: a hidden state handed over from another
+    file (an encoder's output in a separately exported decoder)."""
+    from onnx import TensorProto
+
+    x = node.input[0]
+    if an.tracked(x) or x not in {i.name for i in an.graph.inputs}:
+        return False
+    if an.info.dtypes.get(x) not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE):
+        return False
+    src = const_source(an, node.input[1]) if len(node.input) > 1 and not an.tracked(node.input[1]) else None
+    return src is not None and len(an.shape(node.input[1])) == 2
+
+
+def input_projection(an, node):
+    x = node.input[0]
+    an.set(x, (None,) * (len(an.shape(x)) - 1) + (an.new_sym(an.shape(x)[-1], node, tags={"embed"}),))
+    linear(an, node)
+
+
+PATTERNS = [
+    OpPattern("linear", ("MatMul", "Gemm"), linear, when=lambda an, n: _weight(an, n) is not None),
+    OpPattern("linear", ("MatMul", "Gemm"), input_projection, when=_is_input_projection, seed=True),
+]
 
 
 _THROUGH = ("Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze")

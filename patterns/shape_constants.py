@@ -210,7 +210,10 @@ def slice_(an, node):
                 off = _wide_offsets(plan, sym)
                 small_n, wide_n = an.shape(x)[a], plan.layout(sym).wide
                 v = int(vals[i])
-                if v >= small_n:  # "to the end" (INT64_MAX): unchanged
+                if v > small_n:  # "to the end" (INT64_MAX): unchanged
+                    continue
+                if v == small_n:  # the exact end moves with the axis
+                    vals[i] = wide_n
                     continue
                 pos = v + small_n if v < 0 else v
                 if pos not in off:

@@ -305,7 +305,7 @@ def test_not_enough_disk_or_memory(tmp_path, monkeypatch, resource):
         widen_file(BERT, str(tmp_path / "o.onnx"), 2)
     msg = str(e.value)
     assert "factor 2 is too large" in msg and "1 KB" in msg
-    assert (f"disk needed" in msg) if resource == "disk" else ("memory needed" in msg)
+    assert ("disk needed" in msg) if resource == "disk" else ("memory needed" in msg)
     assert os.listdir(tmp_path) == []
 
 
