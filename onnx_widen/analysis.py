@@ -79,6 +79,7 @@ class Analysis:
         self.matches: list[Match] = []
         self.claims: dict[str, str] = {}  # node name -> pattern that covers it
         self.born: list[tuple] = []  # (Sym, tensor) for dims created by a linear layer's output
+        self.linears: list[tuple] = []  # (input Sym | None, output Sym | None) of every linear layer
         self.scale_consts: list[dict] = []  # attention scale constants and their exponent of head size
         self.uncovered: list[tuple] = []
         self.identity_required: list[tuple] = []  # (Sym, node, untracked input) that must keep their size

@@ -24,13 +24,13 @@ def _console(quiet=False):
     return Console(quiet=quiet, highlight=False)
 
 
-def _parse_factor(text) -> int:
+def _parse_factor(text, name="--factor", minimum=2) -> int:
     try:
         value = int(str(text), 10)
     except ValueError:
-        raise UsageError(f"--factor must be an integer >= 2, got {text!r}") from None
-    if value < 2:
-        raise UsageError(f"--factor must be an integer >= 2, got {value}")
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value}")
     return value
 
 
@@ -62,6 +62,7 @@ def main_group(ctx, debug):
 @click.option("--factor", "-k", default="2", show_default=True, help="Integer factor for hidden, FFN and head size.")
 @click.option("--residual-scale", type=click.Choice(["repeat", "orthogonal"]), default="repeat", show_default=True,
               help="repeat: canonical (eps kept); orthogonal: the post's R(x)/sqrt(k) with eps/k.")
+@click.option("--ffn-factor", "ffn_factor", default=None, help="Integer factor for the FFN inner size (default: --factor).")
 @click.option("--rope", type=click.Choice(["spread", "remap"]), default="spread", show_default=True,
               help="spread: old pair j at new pair K*j, the wide config's frequencies; remap: repeat the frequencies.")
 @click.option("--heads", "heads", type=click.Choice(["keep", "grow"]), default="keep", show_default=True,
@@ -72,19 +73,20 @@ def main_group(ctx, debug):
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--report", "report_path", metavar="FILE.json", help="Also write the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
-def widen(source, out, factor, residual_scale, rope, heads, kv_heads, no_validate, provider, report_path, quiet):
+def widen(source, out, factor, residual_scale, ffn_factor, rope, heads, kv_heads, no_validate, provider, report_path, quiet):
     """Widen IN by --factor and write OUT, after checking it computes the same function.
 
     IN may be a folder of exports of one model (encoder, decoder, decoder with past, config.json):
     every file is widened by the same rules and OUT is that folder, widened."""
     from .workflow import widen_file, write_report
 
-    k = _parse_factor(factor)
+    f = _parse_factor(ffn_factor, "--ffn-factor", 1) if ffn_factor is not None else None
+    k = _parse_factor(factor, minimum=1 if f and f > 1 else 2)
     if os.path.isdir(source):
         from .folder import widen_folder
 
         summary = widen_folder(source, out, k, residual=residual_scale, validate=not no_validate, provider=provider, rope=rope,
-                               heads=heads, kv_heads=kv_heads)
+                               heads=heads, kv_heads=kv_heads, ffn_factor=f)
         if report_path:
             write_report(summary, report_path)
         console = _console(quiet)
@@ -92,7 +94,7 @@ def widen(source, out, factor, residual_scale, rope, heads, kv_heads, no_validat
             _print_widen(s, console)
         return
     summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider, rope=rope,
-                         heads=heads, kv_heads=kv_heads, report=report_path)
+                         heads=heads, kv_heads=kv_heads, ffn_factor=f, report=report_path)
     if report_path:
         write_report(summary, report_path)
     _print_widen(summary, _console(quiet))

@@ -10,16 +10,24 @@ import tempfile
 
 from .errors import UsageError, WidenError
 
-# config.json keys that carry a width the factor multiplies (Hugging Face names across families).
-WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "intermediate_size", "d_ff", "n_inner", "head_dim", "d_kv",
-              "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "dim", "hidden_dim", "embedding_size")
+# config.json keys that carry a width (Hugging Face names across families): the hidden factor
+# multiplies the first group, the FFN factor the second.
+WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "head_dim", "d_kv", "dim", "embedding_size")
+FFN_KEYS = ("intermediate_size", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "hidden_dim")
 
 
-def widen_config(config: dict, factor: int) -> dict:
+def widen_config(config: dict, factor: int, ffn_factor: int | None = None, heads: str = "keep", kv_heads: str = "tile") -> dict:
     out = dict(config)
     for key in WIDTH_KEYS:
-        if isinstance(out.get(key), int):
+        if isinstance(out.get(key), int) and not (heads == "grow" and key in ("head_dim", "d_kv")):
             out[key] = out[key] * factor
+    for key in FFN_KEYS:
+        if isinstance(out.get(key), int):
+            out[key] = out[key] * (factor if ffn_factor is None else ffn_factor)
+    if heads == "grow":
+        for key in ("num_attention_heads", "num_heads", "n_head") + (("num_key_value_heads",) if kv_heads == "tile" else ()):
+            if isinstance(out.get(key), int):
+                out[key] = out[key] * factor
     return out
 
 
@@ -54,7 +62,7 @@ def widen_folder(source: str, out: str, factor: int, **kw) -> dict:
                 with open(src) as f:
                     cfg = json.load(f)
                 with open(os.path.join(tmp, name), "w") as f:
-                    json.dump(widen_config(cfg, factor), f, indent=2)
+                    json.dump(widen_config(cfg, factor, kw.get("ffn_factor"), kw.get("heads", "keep"), kw.get("kv_heads", "tile")), f, indent=2)
             else:
                 shutil.copy2(src, os.path.join(tmp, name))
         if os.path.isdir(out):

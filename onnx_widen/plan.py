@@ -25,13 +25,21 @@ class Options:
     residual: str = "repeat"  # or "orthogonal"
     rope: str = "spread"  # or "remap"
     heads: str = "keep"  # or "grow"
+    ffn_factor: int | None = None  # FFN inner size factor; None: the same as factor
     kv_heads: str = "tile"  # or "keep" (with heads="grow")
+
+    @property
+    def ffn(self) -> int:
+        return self.factor if self.ffn_factor is None else self.ffn_factor
 
     def check(self):
         from .errors import UsageError
 
-        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, np.integer)) or self.factor < 2:
-            raise UsageError(f"factor must be an integer >= 2, got {self.factor!r}")
+        for name, v in (("factor", self.factor), ("ffn factor", self.ffn)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise UsageError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.factor == 1 and self.ffn == 1:
+            raise UsageError("nothing to widen: factor and FFN factor are both 1")
         if self.residual not in rules.RESIDUAL_SCHEMES:
             raise UsageError(f"residual scale must be one of {', '.join(rules.RESIDUAL_SCHEMES)}, got {self.residual!r}")
         if self.heads not in rules.HEAD_MODES:
@@ -91,7 +99,8 @@ class Plan:
             elif root.parts:
                 lay = D.Layout.concat([self.layout(p) for p in root.parts])
             else:
-                lay = rules.layout_for(root.tags, root.size, self.opts.factor, self.opts.rope, self.opts.heads, self.opts.kv_heads)
+                k = self.opts.ffn if "ffn" in root.tags else self.opts.factor
+                lay = rules.layout_for(root.tags, root.size, k, self.opts.rope, self.opts.heads, self.opts.kv_heads)
             self.layouts[root.id] = lay
         return self.layouts[root.id]
 
@@ -136,6 +145,7 @@ class Plan:
 def build(an: Analysis, opts: Options) -> Plan:
     plan = Plan(an, opts)
     _mark_terminal(an)
+    _mark_ffn(an)
     for sym, node, name in an.identity_required:
         if not plan.layout(sym).identity:
             raise WidenError(f"node {an.name(node)!r} ({node.op_type}): input {name!r} spans a widened axis "
@@ -167,6 +177,17 @@ def _io_conventions(plan: Plan):
             an.scale.prefer(name, where, weight=1e3, target=Term("output", name), tier=2)
         else:
             an.scale.fix(name, where)
+
+
+def _mark_ffn(an: Analysis):
+    """The FFN inner dimension: made by one linear layer and read by another that writes the
+    residual stream. It grows by --ffn-factor, which may differ from the hidden factor."""
+    for in_sym, out_sym in an.linears:
+        if in_sym is None or out_sym is None:
+            continue
+        i, o = in_sym.find(), out_sym.find()
+        if "embed" in o.tags and "embed" not in i.tags and "linear_out" in i.tags and not (i.factors or i.parts):
+            i.tags.add("ffn")
 
 
 def _mark_terminal(an: Analysis):

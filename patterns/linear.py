@@ -59,6 +59,7 @@ def linear(an, node):
         out_sym = an.new_sym(d_out, node, tags={"linear_out"})
         an.born.append((out_sym, out))
     an.set(out, an.ax(x)[:-1] + (out_sym,))
+    an.linears.append((in_sym, out_sym))
     view_axes, read = ((out_sym, in_sym), {1}) if trans_b else ((in_sym, out_sym), {0})
     an.param(src, node, source_axes(view_axes, perm), {out: 1.0, x: -1.0},
              read_axes=source_read_axes(read if in_sym is not None else set(), perm), role="weight")
