@@ -34,17 +34,18 @@ def build_plan(model, options: plan_mod.Options):
 
 
 def widen(model_or_path, factor: int = 2, residual: str = "repeat", rope: str = "spread", heads: str = "keep",
-          kv_heads: str = "tile", ffn_factor: int | None = None) -> onnx.ModelProto:
+          kv_heads: str = "tile", ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0) -> onnx.ModelProto:
     """Return the widened model (hidden, FFN and head size times `factor`) computing the same function.
 
     residual: "repeat" (canonical) or "orthogonal" (the post's R(x)/sqrt(k), eps/k).
     rope: "spread" (the wide config's own frequencies) or "remap" (repeated frequencies).
     heads: "keep" (head size times factor) or "grow" (head count times factor, head size kept);
     kv_heads (with heads="grow"): "tile" (kv heads times factor) or "keep" (query copies interleaved).
-    ffn_factor: the FFN inner size's own factor (default: factor); factor=1 with ffn_factor>1 widens the FFN only."""
+    ffn_factor: the FFN inner size's own factor (default: factor); factor=1 with ffn_factor>1 widens the FFN only.
+    noise, seed: exact symmetry-breaking noise (relative std) on weights that read copied units."""
     model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
     p = build_plan(model, plan_mod.Options(factor=factor, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads,
-                                                   ffn_factor=ffn_factor))
+                                                   ffn_factor=ffn_factor, noise=noise, seed=seed))
     return apply(p)
 
 

@@ -63,6 +63,9 @@ def main_group(ctx, debug):
 @click.option("--residual-scale", type=click.Choice(["repeat", "orthogonal"]), default="repeat", show_default=True,
               help="repeat: canonical (eps kept); orthogonal: the post's R(x)/sqrt(k) with eps/k.")
 @click.option("--ffn-factor", "ffn_factor", default=None, help="Integer factor for the FFN inner size (default: --factor).")
+@click.option("--noise", type=float, default=0.0, show_default=True,
+              help="Exact symmetry-breaking noise (relative std) on weights that read copied units.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --noise.")
 @click.option("--rope", type=click.Choice(["spread", "remap"]), default="spread", show_default=True,
               help="spread: old pair j at new pair K*j, the wide config's frequencies; remap: repeat the frequencies.")
 @click.option("--heads", "heads", type=click.Choice(["keep", "grow"]), default="keep", show_default=True,
@@ -73,7 +76,7 @@ def main_group(ctx, debug):
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--report", "report_path", metavar="FILE.json", help="Also write the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
-def widen(source, out, factor, residual_scale, ffn_factor, rope, heads, kv_heads, no_validate, provider, report_path, quiet):
+def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, heads, kv_heads, no_validate, provider, report_path, quiet):
     """Widen IN by --factor and write OUT, after checking it computes the same function.
 
     IN may be a folder of exports of one model (encoder, decoder, decoder with past, config.json):
@@ -86,7 +89,7 @@ def widen(source, out, factor, residual_scale, ffn_factor, rope, heads, kv_heads
         from .folder import widen_folder
 
         summary = widen_folder(source, out, k, residual=residual_scale, validate=not no_validate, provider=provider, rope=rope,
-                               heads=heads, kv_heads=kv_heads, ffn_factor=f)
+                               heads=heads, kv_heads=kv_heads, ffn_factor=f, noise=noise, seed=seed)
         if report_path:
             write_report(summary, report_path)
         console = _console(quiet)
@@ -94,7 +97,7 @@ def widen(source, out, factor, residual_scale, ffn_factor, rope, heads, kv_heads
             _print_widen(s, console)
         return
     summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider, rope=rope,
-                         heads=heads, kv_heads=kv_heads, ffn_factor=f, report=report_path)
+                         heads=heads, kv_heads=kv_heads, ffn_factor=f, noise=noise, seed=seed, report=report_path)
     if report_path:
         write_report(summary, report_path)
     _print_widen(summary, _console(quiet))

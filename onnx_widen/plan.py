@@ -26,6 +26,8 @@ class Options:
     rope: str = "spread"  # or "remap"
     heads: str = "keep"  # or "grow"
     ffn_factor: int | None = None  # FFN inner size factor; None: the same as factor
+    noise: float = 0.0  # relative std of the exact symmetry-breaking noise (0: pure copies)
+    seed: int = 0
     kv_heads: str = "tile"  # or "keep" (with heads="grow")
 
     @property
@@ -38,6 +40,8 @@ class Options:
         for name, v in (("factor", self.factor), ("ffn factor", self.ffn)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise UsageError(f"{name} must be an integer >= 1, got {v!r}")
+        if not (isinstance(self.noise, (int, float)) and self.noise >= 0):
+            raise UsageError(f"noise must be a number >= 0, got {self.noise!r}")
         if self.factor == 1 and self.ffn == 1:
             raise UsageError("nothing to widen: factor and FFN factor are both 1")
         if self.residual not in rules.RESIDUAL_SCHEMES:
@@ -59,6 +63,7 @@ class Recipe:
     layouts: tuple = ()
     factor: float = 1.0
     value: np.ndarray | None = None
+    noise: tuple | None = None  # (relative std, seed): zero-sum noise over the copies of read axes
 
     def compute(self, original: np.ndarray) -> np.ndarray:
         if self.value is not None:
@@ -73,6 +78,8 @@ class Recipe:
                                  "(scaled RoPE): the wide config's frequencies are unknown; use --rope remap")
             return out
         out = rules.widen_tensor(original, list(self.layouts), self.param.read_axes, self.factor)
+        if self.noise is not None:
+            out = rules.symmetry_breaking_noise(out, original, list(self.layouts), self.param.read_axes, *self.noise)
         return out.astype(original.dtype)
 
 
@@ -345,10 +352,17 @@ def _factor(plan: Plan, coefs: dict, const: float = 0.0) -> float:
 
 
 def _parameters(plan: Plan):
+    unread = {p.name for p in plan.an.params if not p.read_axes}  # also used as a plain table/gain
     for p in plan.an.params:
         layouts = tuple(plan.layout(a) if a is not None else None for a in p.axes)
         factor = _factor(plan, p.log_factor, p.const)
-        key = ("param",) + _normal_form(layouts, p.read_axes, factor)
+        noise = None
+        if plan.opts.noise and p.read_axes and p.name not in unread and any(
+                layouts[a] is not None and layouts[a].copies.max() > 1 for a in p.read_axes):
+            # Only a weight that reads copies may differ between them (WIDENING.md, Symmetry breaking);
+            # a table tied to a lookup must stay one tensor.
+            noise = (float(plan.opts.noise), int(plan.opts.seed))
+        key = ("param",) + _normal_form(layouts, p.read_axes, factor) + ((p.name, noise) if noise else ())
         idxs = [i for i, n in enumerate(p.node.input) if n and _source_of(plan, p.node, i) == p.name]
         for i in idxs:
             # The edit sits on the node that reads the initializer (possibly through a Transpose).
@@ -356,7 +370,7 @@ def _parameters(plan: Plan):
             existing = plan.edits.get((id(reader), ridx))
             if existing is not None and existing[3].key != key:
                 raise WidenError(f"node {plan.an.name(p.node)!r}: parameter {p.name!r} has two incompatible roles")
-            plan.edits[(id(reader), ridx)] = (reader, ridx, p.name, Recipe(key, param=p, layouts=layouts, factor=factor))
+            plan.edits[(id(reader), ridx)] = (reader, ridx, p.name, Recipe(key, param=p, layouts=layouts, factor=factor, noise=noise))
 
 
 def _normal_form(layouts, read_axes, factor):

@@ -162,3 +162,29 @@ def rotary_angles(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
 
 # How each kind of rotary table is rebuilt at the wide config's frequencies.
 ROTARY_TABLES = {"rotary frequencies": rotary_frequencies, "rotary cache": rotary_cache, "rotary angles": rotary_angles}
+
+
+def symmetry_breaking_noise(wide: np.ndarray, small: np.ndarray, layouts: list, read_axes, std: float, seed: int) -> np.ndarray:
+    """WIDENING.md, Symmetry breaking: the copies of a unit carry equal activations, so a weight
+    that reads them may take noise e_1..e_c with sum e_i = 0 per original row: the function is
+    unchanged, the copies' gradients differ. The noise is `std` times the tensor's own spread."""
+    import zlib
+
+    rng = np.random.default_rng([seed, zlib.crc32(small.tobytes()[:4096])])
+    scale = std * float(np.std(small.astype(np.float64))) / max(1, int(np.prod([layouts[a].copies.max() for a in read_axes if layouts[a] is not None])))
+    out = wide.astype(np.float64)
+    for axis in read_axes:
+        lay = layouts[axis]
+        if lay is None or lay.copies.max() <= 1:
+            continue
+        e = rng.standard_normal(out.shape) * scale
+        src = lay.src
+        moved = np.moveaxis(e, axis, 0)
+        for unit in np.flatnonzero(lay.copies > 1):
+            rows = np.flatnonzero(src == unit)
+            moved[rows] -= moved[rows].mean(axis=0, keepdims=True)  # zero sum over the copies
+        zero = src < 0
+        moved[zero] = 0.0
+        moved[np.isin(src, np.flatnonzero(lay.copies <= 1))] = 0.0
+        out = out + np.moveaxis(moved, 0, axis)
+    return out

@@ -105,9 +105,10 @@ def nonfinite_note(counts: dict) -> str:
 
 def widen_file(source: str, out: str, factor: int, residual: str = "repeat", validate: bool = True, provider: str = "cpu",
                rope: str = "spread", report: str | None = None, heads: str = "keep", kv_heads: str = "tile",
-               ffn_factor: int | None = None) -> dict:
+               ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0) -> dict:
     check_paths(source, out, report)
-    opts = plan_mod.Options(factor=factor, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads, ffn_factor=ffn_factor)
+    opts = plan_mod.Options(factor=factor, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads, ffn_factor=ffn_factor,
+                            noise=noise, seed=seed)
     opts.check()
     t0 = time.perf_counter()
     small, files = read_model(source)
@@ -128,7 +129,7 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
     if nonfinite:
         notes.insert(0, nonfinite_note(nonfinite))
     summary = {
-        "input": source, "output": out, "factor": factor, "residual": residual, "rope": rope, "heads": heads, "kv_heads": kv_heads, "ffn_factor": opts.ffn,
+        "input": source, "output": out, "factor": factor, "residual": residual, "rope": rope, "heads": heads, "kv_heads": kv_heads, "ffn_factor": opts.ffn, "noise": noise, "seed": seed,
         "matched": match_summary(plan.an), "params_before": count_params(small), "params_after": count_params(wide),
         "notes": notes, "mapping": plan.io, "validation": None,
         "nonfinite": {"count": sum(nonfinite.values()), "tensors": nonfinite},
