@@ -114,7 +114,15 @@ def _set_meta(model, key, value):
 
 
 def read_mapping(model: onnx.ModelProto):
+    from .errors import WidenError
+
     for p in model.metadata_props:
         if p.key == MAPPING_KEY:
-            return json.loads(p.value)
+            try:
+                data = json.loads(p.value)
+                if not isinstance(data, dict) or not isinstance(data.get("tensors", {}), dict):
+                    raise ValueError("not a mapping")
+                return data
+            except ValueError as e:
+                raise WidenError(f"metadata {MAPPING_KEY!r} of the wide model is not valid ({e})") from None
     return None

@@ -146,6 +146,10 @@ def _adopt_graph_input(an, node, name, out_axes):
 def width_param_axes(an, name, out_axes):
     """Axes of a constant broadcast against `out_axes`, or None when it touches no width axis."""
     shape = an.shape(name)
+    if len(shape) > len(out_axes):
+        from .errors import WidenError
+
+        raise WidenError(f"constant {name!r} has more axes ({len(shape)}) than the tensor it combines with ({len(out_axes)})")
     offs = aligned(an, name, len(out_axes))
     axes = tuple(out_axes[o] if shape[j] != 1 else None for j, o in enumerate(offs))
     return axes if any(a is not None for a in axes) else None

@@ -61,8 +61,26 @@ def concrete_input_shapes(graph: Graph, dims: dict | None = None, overrides: dic
     return out
 
 
+MAX_ELEMENTS = 1 << 31  # no tensor of a model we can widen in memory is larger
+
+
+def _check_constant_ranges(graph: Graph):
+    """A Range with constant bounds is sized before anything materialises it (onnx's shape
+    inference would allocate it)."""
+    for n in graph.nodes:
+        if n.op_type != "Range":
+            continue
+        vals = [graph.small_const(i) for i in n.input[:3]]
+        if any(v is None for v in vals):
+            continue
+        start, limit, delta = (float(np.asarray(v).reshape(())) for v in vals)
+        if delta == 0 or (limit - start) / delta > MAX_ELEMENTS:
+            raise WidenError(f"node {graph.node_name(n)!r} (Range): {start:g}..{limit:g} step {delta:g} is not a usable size")
+
+
 def infer(graph: Graph, input_shapes: dict[str, tuple]) -> ShapeInfo:
     """Concrete shapes of all tensors for the given input shapes, and small-world shape values."""
+    _check_constant_ranges(graph)
     values: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple] = {}
     dtypes: dict[str, int] = {}
@@ -179,6 +197,8 @@ def evaluate(graph: Graph, shapes: dict[str, tuple], overrides: dict[str, np.nda
         args = [use_overrides.get((id(n), k), vals.get(i)) if i else None for k, i in enumerate(n.input)]
         if any(i and a is None for i, a in zip(n.input, args)):
             continue
+        if _too_big(n, args):
+            continue  # a shape value never has that many elements; do not materialise it
         try:
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -189,6 +209,24 @@ def evaluate(graph: Graph, shapes: dict[str, tuple], overrides: dict[str, np.nda
             if o and v is not None and np.asarray(v).size <= SMALL_CONST:
                 vals[o] = np.asarray(v)
     return vals
+
+
+def _too_big(node, args) -> bool:
+    """Ops whose output size follows from their constant inputs, checked before they run."""
+    try:
+        if node.op_type == "Range":
+            start, limit, delta = (float(np.asarray(a).reshape(())) for a in args[:3])
+            return delta == 0 or (limit - start) / delta > SMALL_CONST
+        if node.op_type == "ConstantOfShape":
+            return float(np.prod(np.asarray(args[0], dtype=np.float64))) > SMALL_CONST
+        if node.op_type == "Expand":
+            shape = np.broadcast_shapes(np.shape(args[0]), tuple(int(x) for x in np.asarray(args[1]).reshape(-1)))
+            return float(np.prod(shape, dtype=np.float64)) > SMALL_CONST
+        if node.op_type == "Tile":
+            return float(np.size(args[0])) * float(np.prod(np.asarray(args[1], dtype=np.float64))) > SMALL_CONST
+    except Exception:
+        return True
+    return False
 
 
 def _run_node(node, args):

@@ -105,8 +105,16 @@ def regroup(an, node, x, out):
     return out_axes
 
 
+def _one_d(an, node, idx):
+    v = an.value(node.input[idx]) if len(node.input) > idx and node.input[idx] else None
+    if v is not None and np.ndim(v) != 1:
+        an.fail(node, f"shape operand {node.input[idx]!r} must be 1-D, has shape {list(np.shape(v))}")
+
+
 def reshape(an, node):
     x, out = node.input[0], node.output[0]
+    if node.op_type == "Reshape":
+        _one_d(an, node, 1)
     an.set(out, regroup(an, node, x, out))
     an.scale.equal(out, x, an.name(node))
     if node.op_type == "Reshape":
@@ -124,6 +132,7 @@ def reshape(an, node):
 
 def expand(an, node):
     x, out = node.input[0], node.output[0]
+    _one_d(an, node, 1)
     axes = broadcast_axes(an, node, [x])
     xs, os_ = an.shape(x), an.shape(out)
     off = len(os_) - len(xs)

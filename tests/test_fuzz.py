@@ -9,16 +9,10 @@ import fuzzing
 
 SEED = 20240611
 PER_KIND = 11  # mutants per mutation kind; about 200 in all, ~50 s on 2 cores
-# Known tracebacks from files this robustness work may not edit (reported to their owner), by
-# mutation kind: [(file the exception comes from, exception type, reason)]. A kind's test xfails
-# only when every bug it found matches a known signature; anything else fails.
-_LN = ("onnx_widen/match.py", "IndexError",
-       "LayerNormalization with X and Scale swapped: match.width_param_axes indexes the input's axes with a parameter "
-       "of higher rank (from patterns/layernorm.py norm_op); repro gpt2_dyn18, benchmarks/fuzz.py --seed 1, mutant [1, 235]")
-_SHAPE = ("patterns/shape_constants.py", "ValueError",
-          "a Reshape shape initializer with dims [4, 1] instead of [4] makes shape_constants.required build a ragged array; "
-          "repro gpt2_dyn18 with val_62 dims -> [4, 1], --factor 3")
-KNOWN = {"swap_inputs": [_LN], "initializer_dims": [_SHAPE], "combo": [_LN, _SHAPE]}
+# Known tracebacks, by mutation kind: [(file the exception comes from, exception type, reason)]. A
+# kind's test xfails only when every bug it found matches a known signature; anything else fails.
+# (Empty: the LayerNorm-swap and 2-D Reshape-shape tracebacks found by this harness are fixed.)
+KNOWN: dict = {}
 XFAIL = {k: "; ".join(v[2] for v in sigs) for k, sigs in KNOWN.items()}
 
 
