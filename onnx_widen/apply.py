@@ -80,7 +80,10 @@ def apply(plan: Plan, progress=None) -> onnx.ModelProto:
                 a.f = float(value)
     _rewrite_signature(plan, graph)
     graph.ClearField("value_info")
-    _set_meta(model, MAPPING_KEY, json.dumps({"version": 1, "factor": plan.opts.factor, "residual": plan.opts.residual, "tensors": plan.io}))
+    o = plan.opts
+    options = {"factor": o.factor, "residual": o.residual, "rope": o.rope, "heads": o.heads, "kv_heads": o.kv_heads,
+               "ffn_factor": o.ffn, "noise": o.noise, "seed": o.seed}
+    _set_meta(model, MAPPING_KEY, json.dumps({"version": 1, **options, "options": options, "tensors": plan.io}))
     return model
 
 

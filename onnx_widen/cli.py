@@ -178,7 +178,8 @@ def _print_inspect(d, console):
 @click.option("--rtol", type=float, default=None, help="Tolerance relative to the output's largest magnitude.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def validate(small, wide, factor, shape_items, atol, rtol, provider, as_json):
+@click.option("--localize", is_flag=True, help="On failure, name the first tensor where WIDE stops matching SMALL.")
+def validate(small, wide, factor, shape_items, atol, rtol, provider, as_json, localize):
     """Run SMALL and WIDE on the same inputs and compare every output."""
     from .validation import ATOL, RTOL, validate as run_validate
 
@@ -198,7 +199,16 @@ def validate(small, wide, factor, shape_items, atol, rtol, provider, as_json):
         _console().print(t)
     if not res.ok:
         bad = [o.name for o in res.outputs if not o.ok]
-        raise WidenError(f"outputs differ beyond tolerance: {', '.join(bad)}")
+        where = ""
+        if localize:
+            from .localize import localize as run_localize
+            from .model_io import load_model
+
+            first = run_localize(load_model(small), load_model(wide))
+            if first:
+                where = (f"; first divergence at tensor {first['tensor']!r} from node {first['node']!r} ({first['op']}, "
+                         f"pattern {first['pattern']}): {first.get('error') or format(first['max_rel'], '.3g') + ' relative error'}")
+        raise WidenError(f"outputs differ beyond tolerance: {', '.join(bad)}{where}")
 
 
 class Terminated(BaseException):

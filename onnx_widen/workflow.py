@@ -147,6 +147,8 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
             failure = f"output {worst.name!r} max relative error {worst.max_rel:.3g}"
             if nonfinite:
                 failure += f" (the input has {sum(nonfinite.values())} non-finite weight values)"
+            else:
+                failure += _first_divergence(small, wide)
             summary["validation_failure"] = failure
             summary["time_s"] = times
             return summary
@@ -162,3 +164,17 @@ def write_report(summary: dict, path: str):
     import json
 
     write_bytes_atomic(json.dumps(summary, indent=2, default=str).encode(), path)
+
+
+def _first_divergence(small, wide) -> str:
+    """Name where the widened graph stops being the widened copy of the small one."""
+    from .localize import localize
+
+    try:
+        first = localize(small, wide)
+    except WidenError:
+        return ""
+    if not first:
+        return ""
+    detail = first.get("error") or f"{first['max_rel']:.3g} relative error"
+    return f"; first divergence at tensor {first['tensor']!r} from node {first['node']!r} ({first['op']}, pattern {first['pattern']}): {detail}"
