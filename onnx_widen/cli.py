@@ -73,10 +73,11 @@ def main_group(ctx, debug):
 @click.option("--kv-heads", "kv_heads", type=click.Choice(["tile", "keep"]), default="tile", show_default=True,
               help="With --heads grow under GQA: tile kv heads K times, or keep them and interleave query copies.")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime check (not recommended).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (every rewritten constant, small and wide shape); write nothing.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--report", "report_path", metavar="FILE.json", help="Also write the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
-def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, heads, kv_heads, no_validate, provider, report_path, quiet):
+def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, heads, kv_heads, no_validate, dry_run, provider, report_path, quiet):
     """Widen IN by --factor and write OUT, after checking it computes the same function.
 
     IN may be a folder of exports of one model (encoder, decoder, decoder with past, config.json):
@@ -85,6 +86,8 @@ def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, he
 
     f = _parse_factor(ffn_factor, "--ffn-factor", 1) if ffn_factor is not None else None
     k = _parse_factor(factor, minimum=1 if f and f > 1 else 2)
+    if dry_run:
+        return _print_plan(source, k, f, residual_scale, rope, heads, kv_heads, noise, seed, report_path, quiet)
     if os.path.isdir(source):
         from .folder import widen_folder
 
@@ -103,6 +106,32 @@ def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, he
     _print_widen(summary, _console(quiet))
     if summary["validation"] is not None and not summary["validation"]["ok"]:
         raise WidenError(f"validation failed: {summary['validation_failure']}; nothing written")
+
+
+def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, report_path, quiet):
+    from rich.table import Table
+
+    from .api import build_plan
+    from .model_io import load_model
+    from .plan import Options
+    from .report import plan_rows
+
+    plan = build_plan(load_model(source), Options(factor=k, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads,
+                                                  ffn_factor=f, noise=noise, seed=seed))
+    rows = plan_rows(plan)
+    if report_path:
+        with open(report_path, "w") as fh:
+            json.dump({"plan": rows, "notes": plan.notes, "mapping": plan.io}, fh, indent=2)
+    t = Table(title=f"plan for {source} (nothing written)")
+    for col in ("constant", "role", "small", "wide", "factor / value", "at"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["constant"], r["role"], "x".join(map(str, r["small"])) or "scalar", "x".join(map(str, r["wide"])) or "scalar",
+                  str(r.get("factor", r.get("value"))), r["node"])
+    console = _console(quiet)
+    console.print(t)
+    for note in plan.notes:
+        console.print(f"note: {note}")
 
 
 def _print_widen(s, console):

@@ -54,3 +54,22 @@ def _role(sym):
     if "embed" in r.tags:
         return f"hidden({r.size})"
     return f"width({r.size})"
+
+
+def plan_rows(plan) -> list[dict]:
+    """Every rewritten constant: its role, small and wide shape, and the factor on it (--dry-run)."""
+    rows, seen = [], set()
+    g = plan.an.graph
+    for node, idx, name, recipe in plan.edits.values():
+        if name in seen:
+            continue
+        seen.add(name)
+        small = list(g.const_shape(name))
+        if recipe.param is not None:
+            wide = [l.wide if l is not None else n for l, n in zip(recipe.layouts, small)]
+            rows.append({"constant": name, "role": recipe.param.role, "small": small, "wide": wide,
+                         "factor": round(recipe.factor, 6), "node": plan.an.name(recipe.param.node)})
+        else:
+            rows.append({"constant": name, "role": "shape/scale value", "small": small, "wide": list(np.shape(recipe.value)),
+                         "value": np.asarray(recipe.value).reshape(-1)[:8].tolist(), "node": plan.an.name(node)})
+    return rows

@@ -1022,10 +1022,30 @@ def make_sample(a: Arch, name: str, attn: str, exporter: str, opset: int, out: s
     }
 
 
+import dataclasses as _dc  # noqa: E402
+
+# GPT-NeoX: per-head interleaved fused QKV ([H, 3*dh] split per head), partial rotary
+# (rotary_pct 0.5, rotate_half on the first half of each head), parallel residual.
+def _neox_cfg(attn: str, k: int = 1):
+    return transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN * k, intermediate_size=DEC_INTER * k, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, rotary_pct=0.5, max_position_embeddings=MAXPOS, layer_norm_eps=1e-5,
+        use_parallel_residual=True, tie_word_embeddings=False, use_cache=False, bos_token_id=1, eos_token_id=2,
+        attn_implementation=attn,
+    )
+
+
+ARCHS.append(_dc.replace(
+    next(a for a in ARCHS if a.arch == "llama"), arch="neox", hf_class="GPTNeoXForCausalLM", make_config=_neox_cfg,
+    variants=_variants("neox"), seed=1019, rope="rotate_half", summarize=lambda cfg: config_summary(cfg),
+    notes="GPT-NeoX: per-head interleaved fused QKV (view [B, S, H, 3*dh] then split), partial rotary "
+          "(rotary_pct 0.5: rotate_half on 8 of 16 head units), parallel residual, untied head.",
+))
+
+
 # The trap a rewrite-by-value tool falls into: LLaMA with a KV cache exported with past 5 +
 # sequence 3 = 8 = head_dim / 2, so the dynamo exporter keeps ONE int64 constant 8 for both the
 # total length (must stay 8) and the rotate_half Slice bound (must become 8K).
-import dataclasses as _dc  # noqa: E402
 
 ARCHS.append(_dc.replace(
     next(a for a in ARCHS if a.arch == "llama_past"), arch="llama_trap",

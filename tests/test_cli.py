@@ -187,3 +187,13 @@ def test_inspect_names_decomposed_layernorm():
     code, stdout, _ = cli("inspect", str(SAMPLES / "bert" / "bert_ts14.onnx"), "--json")
     kinds = [m["kind"] for m in json.loads(stdout)["matches"]]
     assert code == 0 and kinds.count("layernorm (decomposed)") == 6 and "rmsnorm (decomposed)" not in kinds
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    out, rep = tmp_path / "o.onnx", tmp_path / "plan.json"
+    code, stdout, _ = cli("widen", str(SAMPLES / "llama" / "llama_dyn18.onnx"), "-o", str(out), "--dry-run", "--report", str(rep))
+    assert code == 0 and not out.exists() and "nothing written" in stdout
+    rows = json.loads(rep.read_text())["plan"]
+    emb = [r for r in rows if r["role"] == "embedding table"]
+    assert emb and emb[0]["small"] == [160, 64] and emb[0]["wide"] == [160, 128]
+    assert any(r["role"] == "rotary frequencies" and r["wide"] == [16] for r in rows)

@@ -12,7 +12,7 @@ from onnx_widen.validation import make_inputs
 
 from conftest import load_sample, load_wide_skeleton, max_rel_error, run, widen_feeds
 
-ROPE = ["llama_ts17", "llama_dyn18", "qwen2_ts17", "qwen2_dyn18", "llama_past_ts17", "llama_past_dyn18"]
+ROPE = ["llama_ts17", "llama_dyn18", "qwen2_ts17", "qwen2_dyn18", "llama_past_ts17", "llama_past_dyn18", "neox_ts17", "neox_dyn18"]
 
 
 def _err(small, wide, seed=0, dims=None):
