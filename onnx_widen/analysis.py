@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 
 from . import dims as D
 from .errors import WidenError
 from .graph import Graph
-from .scales import ScaleSystem, Term
+from .scales import ScaleSystem
 from .shapes import ShapeInfo
 
 
@@ -82,6 +81,7 @@ class Analysis:
         self.linears: list[tuple] = []  # (input Sym | None, output Sym | None) of every linear layer
         self.scale_consts: list[dict] = []  # attention scale constants and their exponent of head size
         self.uncovered: list[tuple] = []
+        self.uniform_required: list[tuple] = []  # (Sym, norm node): normalised axes need even copies, no zeros
         self.identity_required: list[tuple] = []  # (Sym, node, untracked input) that must keep their size
 
     # ---- queries used by patterns ----------------------------------------------------------

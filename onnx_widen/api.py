@@ -1,8 +1,6 @@
 """Python API: widen, inspect, validate (the CLI is a thin layer over these)."""
 from __future__ import annotations
 
-import time
-
 import onnx
 
 from . import analysis, plan as plan_mod, shapes

@@ -106,7 +106,7 @@ def attr(node: onnx.NodeProto, name: str, default=None):
 
 def _toposort(nodes, known):
     known = set(known) | {""}
-    ready, out, pending = [], [], []
+    ready, out = [], []
     waiting = defaultdict(list)
     missing_count = {}
     for idx, n in enumerate(nodes):

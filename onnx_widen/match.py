@@ -190,14 +190,13 @@ def is_constlike(an, name):
     return bool(name) and not an.tracked(name) and const_source(an, name) is not None
 
 
-def width_scalar(an, node, sym, exponents, rel_tol=1e-4):
-    """(input index, exponent) of a scalar constant operand equal to size(sym)**p, else None.
+def width_scalar(an, node, n: int, exponents, rel_tol=1e-4):
+    """(input index, exponent) of a scalar constant operand equal to n**p (n a width's size), else None.
 
     Used only where a pattern already knows the constant's place in the graph (softmax scale,
     embedding normaliser, tied-head rescale): the value confirms the role, it never assigns it."""
     import math
 
-    n = sym.find().size
     for idx in (1, 0) if node.op_type == "Mul" else (1,):
         name = node.input[idx]
         if an.tracked(name) or not is_constlike(an, name):

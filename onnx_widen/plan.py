@@ -153,6 +153,11 @@ def build(an: Analysis, opts: Options) -> Plan:
     plan = Plan(an, opts)
     _mark_terminal(an)
     _mark_ffn(an)
+    for sym, node in an.uniform_required:
+        lay = plan.layout(sym)
+        if (lay.src < 0).any() or lay.copies.min() != lay.copies.max():
+            raise WidenError(f"node {an.name(node)!r} ({node.op_type}): normalises over a dimension whose units are not "
+                             "copied evenly; its statistics would change")
     for sym, node, name in an.identity_required:
         if not plan.layout(sym).identity:
             raise WidenError(f"node {an.name(node)!r} ({node.op_type}): input {name!r} spans a widened axis "

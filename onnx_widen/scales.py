@@ -156,7 +156,7 @@ class _OffsetUnionFind:
         if t not in self.parent:
             self.parent[t], self.off[t] = t, 0.0
             return t, 0.0
-        path, total = [], 0.0
+        path = []
         while self.parent[t] != t:
             path.append(t)
             t = self.parent[t]

@@ -6,12 +6,10 @@ k**-0.25 on each of q and k (WIDENING.md, Attention). A scalar on the score path
 head_size**p (p in +-1/2, +-1/4) is the softmax scale: it takes the wide head size's value.
 Scales computed at run time from Shape(q) need nothing here: the wide graph computes them.
 """
-import math
-
 from onnx_widen import dims as D
 from onnx_widen.analysis import Match
 from onnx_widen.graph import attr
-from onnx_widen.match import OpPattern, broadcast_axes, is_constlike, scalar_value
+from onnx_widen.match import OpPattern, width_scalar
 from onnx_widen.scales import Term
 
 # Ops that carry q or k between the projection and the score product without changing values' meaning.
@@ -91,17 +89,8 @@ def _walk_back(an, name, dh, quarter):
 
 
 def _scalar_of(an, node, dh, exponents):
-    for idx in (1, 0) if node.op_type == "Mul" else (1,):
-        name = node.input[idx]
-        if an.tracked(name) or not is_constlike(an, name):
-            continue
-        v = scalar_value(an, name)
-        if v is None or v <= 0:
-            continue
-        for p in exponents:
-            if math.isclose(v, dh ** p, rel_tol=1e-4):
-                return [(node, idx, p)]
-    return []
+    hit = width_scalar(an, node, dh, exponents)
+    return [(node, *hit)] if hit else []
 
 
 def _single_consumer(an, name):

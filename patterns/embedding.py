@@ -42,7 +42,7 @@ def _normaliser(an):
         sym = an.ax(out)[-1]
         for c in an.graph.consumers.get(out, []):
             if c.op_type in ("Mul", "Div"):
-                hit = width_scalar(an, c, sym, (0.5,) if c.op_type == "Mul" else (-0.5,))
+                hit = width_scalar(an, c, sym.find().size, (0.5,) if c.op_type == "Mul" else (-0.5,))
                 if hit:
                     an.scale_consts.append({"node": c, "index": hit[0], "exponent": hit[1], "sym": sym, "role": "embedding normaliser"})
                     an.claims[an.name(c)] = "embedding normaliser"

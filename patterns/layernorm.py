@@ -21,6 +21,10 @@ def norm_op(an, node, params=("gamma", "beta"), kind="layernorm"):
     rank = len(an.shape(x))
     axis = attr(node, "axis", -1) % rank
     xa = an.ax(x)
+    for a in xa[axis:]:
+        if a is not None:
+            # Statistics over a widened axis are unchanged only if every unit has the same copies.
+            an.uniform_required.append((a, node))
     an.set(out, xa)
     for idx, role in enumerate(params, start=1):
         if len(node.input) > idx and node.input[idx]:

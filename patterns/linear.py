@@ -118,7 +118,7 @@ def _tied_head_rescale(an):
                 break
             if p.op_type in ("Mul", "Div"):
                 sym = an.ax(p.output[0])[-1]
-                hit = sym is not None and width_scalar(an, p, sym, (-0.5,) if p.op_type == "Mul" else (0.5,))
+                hit = sym is not None and width_scalar(an, p, sym.find().size, (-0.5,) if p.op_type == "Mul" else (0.5,))
                 if hit:
                     an.scale_consts.append({"node": p, "index": hit[0], "exponent": hit[1], "sym": sym, "role": "tied head rescale"})
                     an.claims[an.name(p)] = "tied head rescale"

@@ -92,7 +92,7 @@ def build(d=16, heads=2, ffn=32, vocab=20, labels=3, batch=2, seq=8, static=True
     hidden = x
     for L in range(layers):
         hidden = layer(hidden, L if layers > 1 else "")
-    logits = node("Gemm", [node("Reshape", [hidden, const("flat", np.array([-1, d], np.int64))], "flat_h"),
+    node("Gemm", [node("Reshape", [hidden, const("flat", np.array([-1, d], np.int64))], "flat_h"),
                            w("cls.W", labels, d), w("cls.b", labels, s=0.2)], "logits", transB=1)
     nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="n_hidden_out"))
     dims = [batch, seq] if static else ["batch", "sequence"]

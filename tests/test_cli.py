@@ -1,6 +1,5 @@
 """The command line: the three commands, the report, and clean one-line failures."""
 import json
-import os
 import subprocess
 import sys
 

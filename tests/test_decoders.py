@@ -1,12 +1,10 @@
 """Decoder and encoder-decoder families: RoPE placements, KV caches, GQA, tied heads with a
 rescale, head-count growth. Function against the small model, structure against native exports."""
-import json
-
 import numpy as np
 import onnx
 import pytest
 
-from onnx_widen import WidenError, validate, widen
+from onnx_widen import validate, widen
 from onnx_widen.apply import read_mapping
 from onnx_widen.validation import make_inputs
 

@@ -1,6 +1,5 @@
 """validate --localize and widen's failure message name the first tensor where a wide model stops
 being the widened copy of the small one. Tested by breaking one rule on purpose."""
-import numpy as np
 import onnx
 import pytest
 

@@ -1,7 +1,6 @@
 """Exact symmetry breaking (--noise): outputs still validate, copies of a unit stop being twins,
 and one step of gradient descent moves the copies apart, which pure copies never do."""
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
