@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 def _child(code: str) -> tuple[float, float]:
     """Run `code` in a fresh Python; return (wall seconds, peak RSS in MB) as the OS reports them."""
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True)
+    env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..")}  # this checkout, not an older install
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
     wall = time.perf_counter() - t
     peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return wall, peak_kb / 1024

@@ -7,9 +7,12 @@ structure equals the native wide export.
 import argparse
 import json
 import os
+import sys
 import time
 
 import onnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # this checkout, not an older install
 
 from onnx_widen import validate, widen
 from onnx_widen.structure import differences
