@@ -386,10 +386,12 @@ def write_bytes_atomic(data: bytes, path: str):
     if not os.path.isdir(folder):
         raise UsageError(f"{path}: output folder does not exist")
     _remove_stale_temps(folder)
-    try:
-        fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except (AttributeError, OSError):
-        fd = None  # no O_TMPFILE (not Linux, or the file system lacks it): a named temporary file
+    fd = None
+    if _anonymous_files_work(folder):
+        try:
+            fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except (AttributeError, OSError):
+            fd = None  # no O_TMPFILE (not Linux, or the file system lacks it): a named temporary file
     try:
         if fd is not None:
             _write_anonymous(fd, data, folder, path)
@@ -398,6 +400,33 @@ def write_bytes_atomic(data: bytes, path: str):
     except OSError as e:
         raise WidenError(f"cannot write {path}: {e.strerror or e}") from None
     _fsync_dir(folder)
+
+
+_ANONYMOUS: dict = {}
+
+
+def _anonymous_files_work(folder) -> bool:
+    """Can an O_TMPFILE file be given a name here (it needs /proc)? Probed once per device with an
+    empty file, so that a model is never written twice."""
+    try:
+        dev = os.stat(folder).st_dev
+    except OSError:
+        return False
+    if dev not in _ANONYMOUS:
+        ok = False
+        try:
+            fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
+            try:
+                probe = _tmp_name(folder)
+                os.link(f"/proc/self/fd/{fd}", probe)
+                os.unlink(probe)
+                ok = True
+            finally:
+                os.close(fd)
+        except (AttributeError, OSError):
+            ok = False
+        _ANONYMOUS[dev] = ok
+    return _ANONYMOUS[dev]
 
 
 def _tmp_name(folder):

@@ -30,7 +30,9 @@ def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np
     copy every axis by its layout, divide each axis that is summed against a widened input by
     the copies of its unit, and multiply by the scale factor c / a (or c for biases, gains, tables).
     Units placed as zeros (src = -1) stay zero."""
-    out = arr.astype(np.float64) if arr.dtype != np.float64 else arr
+    # float32/float64 stay as they are (copies are exact, one rounding per factor); narrower floats
+    # are computed in float32 and cast back once by the caller.
+    out = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
     for axis, lay in enumerate(layouts):
         if lay is None or lay.identity:
             continue
@@ -43,9 +45,13 @@ def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np
         if axis in read_axes:
             shape = [1] * out.ndim
             shape[axis] = len(src)
-            out = out / np.where(src < 0, 1, lay.copies[np.where(src < 0, 0, src)]).reshape(shape)
+            copies = lay.copies[np.where(src < 0, 0, src)]
+            if copies.min() == copies.max():
+                factor = factor / float(copies[0])  # folded into one multiply below
+            else:
+                out = out / np.where(src < 0, 1, copies).reshape(shape).astype(out.dtype)
     if factor != 1.0:
-        out = out * factor
+        out = out * out.dtype.type(factor)
     return out
 
 
