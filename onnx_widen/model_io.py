@@ -405,6 +405,20 @@ def write_bytes_atomic(data: bytes, path: str):
 _ANONYMOUS: dict = {}
 
 
+def _give_name(fd, name):
+    """Link an O_TMPFILE file into the folder: linkat(AT_EMPTY_PATH) where allowed (root), else
+    through /proc/self/fd."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.linkat(fd, b"", -100, os.fsencode(name), 0x1000) == 0:  # AT_FDCWD, AT_EMPTY_PATH
+            return
+    except (OSError, AttributeError):
+        pass
+    os.link(f"/proc/self/fd/{fd}", name)
+
+
 def _anonymous_files_work(folder) -> bool:
     """Can an O_TMPFILE file be given a name here (it needs /proc)? Probed once per device with an
     empty file, so that a model is never written twice."""
@@ -418,7 +432,7 @@ def _anonymous_files_work(folder) -> bool:
             fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
             try:
                 probe = _tmp_name(folder)
-                os.link(f"/proc/self/fd/{fd}", probe)
+                _give_name(fd, probe)
                 os.unlink(probe)
                 ok = True
             finally:
@@ -440,7 +454,7 @@ def _write_anonymous(fd, data, folder, path):
         os.fsync(fd)
         tmp = _tmp_name(folder)
         try:
-            os.link(f"/proc/self/fd/{fd}", tmp)
+            _give_name(fd, tmp)
         except OSError:
             # /proc not mounted: fall back to a named file (the anonymous one vanishes on close).
             tmp = None
