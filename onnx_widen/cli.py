@@ -122,7 +122,7 @@ def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, repo
     if report_path:
         with open(report_path, "w") as fh:
             json.dump({"plan": rows, "notes": plan.notes, "mapping": plan.io}, fh, indent=2)
-    t = Table(title=f"plan for {source} (nothing written)")
+    t = Table(title=f"plan for {source}")
     for col in ("constant", "role", "small", "wide", "factor / value", "at"):
         t.add_column(col)
     for r in rows:
@@ -132,6 +132,7 @@ def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, repo
     console.print(t)
     for note in plan.notes:
         console.print(f"note: {note}")
+    console.print("dry run: nothing written")
 
 
 def _print_widen(s, console):
