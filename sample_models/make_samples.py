@@ -700,14 +700,7 @@ def build_model(a: Arch, attn: str, k: int):
 def make_inputs(a: Arch, batch: int, seq: int, seed: int, pad: bool):
     """ids in vocab (avoiding pad id), attention mask of ones, or with padded tails if pad."""
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (batch, seq), generator=gen, dtype=torch.long)
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    if pad:
-        for b in range(1, batch):
-            n_pad = min(seq - 1, b * 2 + 1)
-            mask[b, seq - n_pad:] = 0
-            if a.pad_token_id is not None:
-                ids[b, seq - n_pad:] = a.pad_token_id
+    ids, mask = _ids_and_mask(a, gen, batch, seq, pad)
     feeds = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in a.inputs:
         tt = torch.zeros(batch, seq, dtype=torch.long)
