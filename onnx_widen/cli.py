@@ -174,6 +174,8 @@ def inspect(source, as_json):
 def _print_inspect(d, console):
     from rich.table import Table
 
+    for key, value in d.get("provenance", {}).items():
+        console.print(f"{key}: {value}")
     console.print(f"opset {d['opset']}, {d['nodes']} nodes, {d['nodes_on_width_paths']} on width paths")
     t = Table(title="matched patterns")
     for col in ("kind", "where", "details"):

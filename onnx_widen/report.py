@@ -30,7 +30,9 @@ def inspect_json(an) -> dict:
         shape_consts.append({"node": an.name(su.node), "op": su.node.op_type, "operand": su.node.input[su.index],
                              "value": None if an.value(su.node.input[su.index]) is None else np.asarray(an.value(su.node.input[su.index])).tolist(),
                              "roles": [_role(a) for a in an.ax(su.node.output[0])]})
+    provenance = {p.key: p.value for p in g.model.metadata_props if p.key.startswith("onnx_widen.") and p.key != "onnx_widen.mapping"}
     return {
+        "provenance": provenance,
         "opset": g.opset,
         "nodes": len(g.nodes),
         "nodes_on_width_paths": len(an.claims),

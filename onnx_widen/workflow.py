@@ -152,12 +152,38 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
             summary["validation_failure"] = failure
             summary["time_s"] = times
             return summary
+    record_provenance(wide, source, summary)
     t4 = time.perf_counter()
     save_model_atomic(wide, out)
     times["write"] = time.perf_counter() - t4
     times["total"] = time.perf_counter() - t0
     summary["time_s"] = times
     return summary
+
+
+PROVENANCE_KEYS = ("onnx_widen.version", "onnx_widen.source", "onnx_widen.source_sha256", "onnx_widen.validation")
+
+
+def record_provenance(wide, source: str, summary: dict):
+    """For pipelines: which tool and version made the model, from which file (SHA-256), and how it
+    validated (the options are in onnx_widen.mapping)."""
+    import hashlib
+    import json
+
+    from . import __version__
+    from .apply import _set_meta
+
+    h = hashlib.sha256()
+    with open(source, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    val = summary.get("validation")
+    _set_meta(wide, "onnx_widen.version", __version__)
+    _set_meta(wide, "onnx_widen.source", os.path.basename(source))
+    _set_meta(wide, "onnx_widen.source_sha256", h.hexdigest())
+    _set_meta(wide, "onnx_widen.validation", json.dumps(
+        {"ok": val["ok"], "provider": val["provider"], "max_rel": {k: v["max_rel"] for k, v in val["outputs"].items()}}
+        if val else {"ok": None, "skipped": True}))
 
 
 def write_report(summary: dict, path: str):

@@ -196,3 +196,20 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     emb = [r for r in rows if r["role"] == "embedding table"]
     assert emb and emb[0]["small"] == [160, 64] and emb[0]["wide"] == [160, 128]
     assert any(r["role"] == "rotary frequencies" and r["wide"] == [16] for r in rows)
+
+
+def test_widened_model_records_provenance(tmp_path):
+    import hashlib
+
+    import onnx_widen
+
+    out = tmp_path / "w.onnx"
+    assert main(["widen", BERT, "-o", str(out), "-k", "2", "-q"]) == 0
+    meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert meta["onnx_widen.version"] == onnx_widen.__version__
+    assert meta["onnx_widen.source_sha256"] == hashlib.sha256(open(BERT, "rb").read()).hexdigest()
+    val = json.loads(meta["onnx_widen.validation"])
+    assert val["ok"] is True and set(val["max_rel"]) == {"prediction_logits", "seq_relationship_logits", "last_hidden_state"}
+    assert json.loads(meta["onnx_widen.mapping"])["options"]["factor"] == 2
+    code, stdout, _ = cli("inspect", str(out), "--json")
+    assert json.loads(stdout)["provenance"]["onnx_widen.source_sha256"] == meta["onnx_widen.source_sha256"]
