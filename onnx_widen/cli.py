@@ -156,7 +156,8 @@ def _print_widen(s, console):
 @main_group.command()
 @click.argument("source", metavar="IN")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(source, as_json):
+@click.option("--plan", "plan_factor", default=None, metavar="K", help="Also print the plan for factor K (sizes before and after).")
+def inspect(source, as_json, plan_factor):
     """Show what the matcher finds in IN and every width-path node no pattern covers."""
     from .api import inspect as api_inspect
     from .report import inspect_json
@@ -169,6 +170,8 @@ def inspect(source, as_json):
         _print_inspect(data, _console())
     if an.uncovered:
         sys.exit(1)
+    if plan_factor is not None and not as_json:
+        _print_plan(source, _parse_factor(plan_factor), None, "repeat", "spread", "keep", "tile", 0.0, 0, None, False)
 
 
 def _print_inspect(d, console):
