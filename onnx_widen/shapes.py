@@ -107,10 +107,14 @@ SAME_SHAPE_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalizat
 def _same_shape_outputs(graph, shapes, dtypes, extra):
     grew = False
     for n in graph.nodes:
-        o = n.output[0] if n.output else ""
-        if o and o not in shapes and n.op_type in SAME_SHAPE_OPS and n.input[0] in shapes:
-            extra[o] = (shapes[n.input[0]], dtypes.get(n.input[0], TensorProto.FLOAT))
-            grew = True
+        if n.op_type not in SAME_SHAPE_OPS or n.input[0] not in shapes:
+            continue
+        # Skip*Normalization's 4th output is the residual sum, shaped like the input too.
+        for i in (0, 3) if n.op_type.startswith("Skip") else (0,):
+            o = n.output[i] if len(n.output) > i else ""
+            if o and o not in shapes and o not in extra:
+                extra[o] = (shapes[n.input[0]], dtypes.get(n.input[0], TensorProto.FLOAT))
+                grew = True
     return grew
 
 

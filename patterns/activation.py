@@ -2,7 +2,7 @@
 (WIDENING.md, Linear layer): the first group pins input and output scales to 1, the second
 passes the scale through. Elementwise, so width axes pass unchanged. GELU and SiLU, which
 exporters decompose, are recognised for the report."""
-from onnx_widen.match import OpPattern
+from onnx_widen.match import OpPattern, const_source, width_param_axes
 from onnx_widen.recognize import chain_from
 
 # f(c x) != c f(x): input must arrive at scale 1.
@@ -25,9 +25,22 @@ def homogeneous(an, node):
     an.scale.equal(out, x, an.name(node))
 
 
+def biased_nonlinear(an, node):
+    """onnxruntime's BiasGelu / FastGelu(x, bias): f(x + bias), the bias at the input's scale (1)."""
+    x = node.input[0]
+    if len(node.input) > 1 and node.input[1]:
+        axes = width_param_axes(an, node.input[1], an.ax(x))
+        src = const_source(an, node.input[1])
+        if axes is not None:
+            if src is None or src[1] is not None:
+                an.fail(node, "bias must be a constant")
+            an.param(src[0], node, axes, {x: 1.0}, role="bias")
+    nonlinear(an, node)
+
+
 PATTERNS = [
     OpPattern("activation", NONLINEAR, nonlinear),
-    OpPattern("activation", ("FastGelu", "QuickGelu", "Gelu"), nonlinear, domain="com.microsoft"),
+    OpPattern("activation", ("FastGelu", "QuickGelu", "Gelu", "BiasGelu"), biased_nonlinear, domain="com.microsoft"),
     OpPattern("activation (homogeneous)", HOMOGENEOUS, homogeneous),
 ]
 

@@ -8,7 +8,7 @@ the free output scale. It is recognised here only so that `inspect` can name it.
 """
 from onnx_widen.analysis import AttrUse, Match
 from onnx_widen.graph import attr
-from onnx_widen.match import OpPattern, const_source, width_param_axes
+from onnx_widen.match import OpPattern, broadcast_axes, const_source, width_param_axes
 from onnx_widen.recognize import chain_from
 
 
@@ -48,7 +48,41 @@ def layer_norm(an, node):
     norm_op(an, node)
 
 
-PATTERNS = [OpPattern("layernorm", ("LayerNormalization",), layer_norm)]
+def skip_norm(an, node):
+    """onnxruntime's SkipLayerNormalization / SkipSimplifiedLayerNormalization:
+    s = input + skip (+ bias), out = norm(s) * gamma (+ beta); output 3, if present, is s."""
+    x, skip, out = node.input[0], node.input[1], node.output[0]
+    xa = broadcast_axes(an, node, [x, skip])
+    where = an.name(node)
+    for name in (x, skip):
+        if an.tracked(name):
+            an.scale.equal(x, name, where)
+    roles = ("gamma", "beta", "bias") if node.op_type == "SkipLayerNormalization" else ("gamma", "bias")
+    for idx, role in enumerate(roles, start=2):
+        if len(node.input) > idx and node.input[idx]:
+            axes = width_param_axes(an, node.input[idx], xa)
+            src = const_source(an, node.input[idx])
+            if axes is None or src is None or src[1] is not None:
+                an.fail(node, f"{role} must be a constant along the normalised axis")
+            an.param(src[0], node, axes, {out: 1.0} if role != "bias" else {x: 1.0}, role=role)
+    if any(len(node.output) > i and node.output[i] and an.graph.consumers.get(node.output[i]) for i in (1, 2)):
+        an.fail(node, "mean / inverse-std outputs are not supported")
+    an.set(out, xa)
+    if len(node.output) > 3 and node.output[3]:
+        an.set(node.output[3], xa)
+        an.scale.equal(node.output[3], x, where)
+    an.attrs.append(AttrUse(node, "epsilon", {x: 2.0}))
+    an.uniform_required.extend((a, node) for a in xa[-1:] if a is not None)
+    an.scale.prefer(out, where)
+    an.scale.prefer(x, where, weight=NORM_INPUT_WEIGHT, tier=1)
+    an.matches.append(Match("layernorm (skip, fused)" if roles[1] == "beta" else "rmsnorm (skip, fused)", [where],
+                            {"epsilon": attr(node, "epsilon", 1e-5), "dim": an.shape(x)[-1]}))
+
+
+PATTERNS = [
+    OpPattern("layernorm", ("LayerNormalization",), layer_norm),
+    OpPattern("skip layernorm", ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization"), skip_norm, domain="com.microsoft"),
+]
 
 def hold_input(an, nodes):
     """A decomposed norm's input, like the op's, is held at the residual scale (canonical eps)."""
