@@ -555,6 +555,18 @@ _PAST_IN = [f"past_key_values.{i}.{kv}" for i in range(LAYERS) for kv in ("key",
 _PRESENT = [f"present.{i}.{kv}" for i in range(LAYERS) for kv in ("key", "value")]
 BS_DEC = {0: "batch", 1: "decoder_sequence"}
 
+# What T5 and T5 v1.1 share (they differ in config, seed, tying of the LM head and notes).
+_T5_TIED = [("shared.weight", "encoder.embed_tokens.weight"), ("shared.weight", "decoder.embed_tokens.weight")]
+_T5_COMMON = dict(
+    hf_class="T5ForConditionalGeneration",
+    inputs=["input_ids", "attention_mask", "decoder_input_ids"], outputs=["logits"],
+    output_axes={"logits": BS_DEC},
+    input_axes={"input_ids": BSQ, "attention_mask": BSQ, "decoder_input_ids": BS_DEC},
+    wrap=lambda m, names: LogitsWrapper(m, names), pad_token_id=0, family="encoder-decoder",
+    input_fn=seq2seq_inputs, example=(EXAMPLE_BATCH, DEC_SEQ, T5_DEC_SEQ),
+    verify_specs=((3, 13, 4), (1, 5, 9)), summarize=_summary(_T5_KEYS),
+)
+
 ARCHS += [
     Arch(
         arch="gpt2", hf_class="GPT2LMHeadModel", make_config=_gpt2_cfg,
@@ -600,30 +612,11 @@ ARCHS += [
         summarize=_summary(_QWEN2_KEYS), notes=NOTES_BY_ARCH["qwen2"],
     ),
     Arch(
-        arch="t5", hf_class="T5ForConditionalGeneration", make_config=_t5_cfg,
-        inputs=["input_ids", "attention_mask", "decoder_input_ids"], outputs=["logits"],
-        output_axes={"logits": BS_DEC},
-        input_axes={"input_ids": BSQ, "attention_mask": BSQ, "decoder_input_ids": BS_DEC},
-        wrap=lambda m, names: LogitsWrapper(m, names), seed=1015,
-        tied=[("shared.weight", "encoder.embed_tokens.weight"),
-              ("shared.weight", "decoder.embed_tokens.weight"),
-              ("shared.weight", "lm_head.weight")],
-        pad_token_id=0, variants=_variants("t5"), family="encoder-decoder",
-        input_fn=seq2seq_inputs, example=(EXAMPLE_BATCH, DEC_SEQ, T5_DEC_SEQ),
-        verify_specs=((3, 13, 4), (1, 5, 9)), summarize=_summary(_T5_KEYS),
-        notes=NOTES_BY_ARCH["t5"],
+        arch="t5", make_config=_t5_cfg, seed=1015, variants=_variants("t5"), notes=NOTES_BY_ARCH["t5"],
+        tied=_T5_TIED + [("shared.weight", "lm_head.weight")], **_T5_COMMON,
     ),
     Arch(
-        arch="t5v11", hf_class="T5ForConditionalGeneration", make_config=_t5v11_cfg,
-        inputs=["input_ids", "attention_mask", "decoder_input_ids"], outputs=["logits"],
-        output_axes={"logits": BS_DEC},
-        input_axes={"input_ids": BSQ, "attention_mask": BSQ, "decoder_input_ids": BS_DEC},
-        wrap=lambda m, names: LogitsWrapper(m, names), seed=1016,
-        tied=[("shared.weight", "encoder.embed_tokens.weight"),
-              ("shared.weight", "decoder.embed_tokens.weight")],
-        pad_token_id=0, variants=_variants("t5v11"), family="encoder-decoder",
-        input_fn=seq2seq_inputs, example=(EXAMPLE_BATCH, DEC_SEQ, T5_DEC_SEQ),
-        verify_specs=((3, 13, 4), (1, 5, 9)), summarize=_summary(_T5_KEYS),
+        arch="t5v11", make_config=_t5v11_cfg, seed=1016, variants=_variants("t5v11"), tied=list(_T5_TIED), **_T5_COMMON,
         post_build=_untie_lm_head, notes=NOTES_BY_ARCH["t5v11"],
     ),
     Arch(
