@@ -1,15 +1,24 @@
-"""Widening is a streaming job: read the input, write k^2 times as much. This compares the time
-of `onnx-widen widen` (no validation) with the floor, writing the same output bytes with a plain
-numpy tofile loop, and with a naive onnx load+save of the output. Prints a table, writes JSON.
+"""Widening is a streaming job: read the input, write K^2 times as much. That write is the floor.
 
-    python benchmarks/bench_widen.py [--hidden 512 --ffn 2048 --layers 4 --vocab 8000 --factor 2]
+For synthetic BERT-style and LLaMA-style models (benchmarks/synth.py: onnx.helper + numpy, weights
+as external data), this measures, each in a fresh process:
+- `onnx-widen widen` without validation: wall time and peak RSS (the OS's, from wait4);
+- the floor: writing the same output bytes (tensor by tensor, the same sizes) with a plain
+  numpy.ndarray.tofile loop, fsync'ed like the real write;
+- `onnx-widen validate` of the result: wall time and peak RSS;
+- a naive onnx.load + onnx.save of the output (skipped when the output is over half the RAM).
+Prints one table (markdown) and writes JSON.
+
+    python benchmarks/bench_widen.py --family llama --size 1b --factor 2
+    python benchmarks/bench_widen.py --family bert --size 100m
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import resource
+import platform
 import subprocess
 import sys
 import tempfile
@@ -19,60 +28,102 @@ import numpy as np
 import onnx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+ROOT = os.path.join(HERE, "..")
+sys.path.insert(0, HERE)
 
 
-def _child(code: str) -> tuple[float, float]:
-    """Run `code` in a fresh Python; return (wall seconds, peak RSS in MB) as the OS reports them."""
+def child(args: list) -> tuple[float, float]:
+    """Run a command with this checkout on the path; (wall seconds, peak RSS in MB of that process)."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
     t = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": os.path.join(HERE, "..")}  # this checkout, not an older install
-    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    p = subprocess.Popen(args, env=env)
+    _, status, usage = os.wait4(p.pid, 0)
     wall = time.perf_counter() - t
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, peak_kb / 1024
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(map(str, args))} failed with exit code {p.returncode}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def tensor_sizes(path: str) -> list:
+    """Bytes of every initializer of a model, from its header (external data not read)."""
+    m = onnx.load(path, load_external_data=False)
+    return [math.prod(t.dims) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize for t in m.graph.initializer]
+
+
+def raw_write(sizes: list, path: str) -> float:
+    """The floor: the same bytes, tensor by tensor, with ndarray.tofile, then fsync."""
+    buf = np.random.default_rng(0).integers(0, 255, size=max(sizes), dtype=np.uint8)
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for n in sizes:
+            buf[:n].tofile(f)
+        f.flush()
+        os.fsync(f.fileno())
+    took = time.perf_counter() - t
+    os.unlink(path)
+    return took
+
+
+def total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    from synth import PRESETS
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=["bert", "llama"], default="bert")
+    ap.add_argument("--size", choices=["100m", "1b"], default=None, help="preset shape (else --hidden etc.)")
     ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--ffn", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--factor", type=int, default=2)
+    ap.add_argument("--no-validate", action="store_true", help="skip the validation run")
+    ap.add_argument("--workdir", default=None, help="where the models go (default: a temporary folder)")
     ap.add_argument("--json", default="benchmarks/results.json")
     a = ap.parse_args()
-    from minigraph import build
+    shape = PRESETS[(a.family, a.size)] if a.size else (a.hidden, a.layers, a.ffn, a.heads, a.vocab)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         src, out = os.path.join(tmp, "small.onnx"), os.path.join(tmp, "wide.onnx")
-        model = build(d=a.hidden, heads=a.heads, ffn=a.ffn, vocab=a.vocab, layers=a.layers, static=False, labels=2)
-        onnx.save(model, src)
-        params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-        del model
-        widen_s, widen_rss = _child(
-            f"from onnx_widen.workflow import widen_file; widen_file({src!r}, {out!r}, {a.factor}, validate=False)")
-        wide = onnx.load(out)
-        arrays = [onnx.numpy_helper.to_array(t) for t in wide.graph.initializer]
-        out_bytes = sum(x.nbytes for x in arrays)
-        largest = max(x.nbytes for x in arrays)
-        raw = os.path.join(tmp, "raw.bin")
-        t = time.perf_counter()
-        with open(raw, "wb") as f:
-            for x in arrays:
-                x.tofile(f)
-            f.flush()
-            os.fsync(f.fileno())
-        raw_s = time.perf_counter() - t
-        del arrays, wide
-        naive_s, _ = _child(f"import onnx; onnx.save(onnx.load({out!r}), {raw!r})")
-    res = {"params_small": params, "factor": a.factor, "output_MB": out_bytes / 2**20, "largest_tensor_MB": largest / 2**20,
-           "widen_s": widen_s, "raw_write_s": raw_s, "ratio": widen_s / raw_s, "naive_load_save_s": naive_s,
-           "peak_rss_MB": widen_rss, "machine": f"{os.cpu_count()} cores"}
-    print("| small params | K | output MB | widen s | raw write s | ratio | onnx load+save s | peak RSS MB | largest tensor MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| {params:,} | {a.factor} | {res['output_MB']:.0f} | {widen_s:.2f} | {raw_s:.2f} | {res['ratio']:.1f} | "
-          f"{naive_s:.2f} | {widen_rss:.0f} | {res['largest_tensor_MB']:.0f} |")
+        gen_s, _ = child([sys.executable, os.path.join(HERE, "synth.py"), a.family, "-o", src, "--hidden", str(shape[0]),
+                          "--layers", str(shape[1]), "--ffn", str(shape[2]), "--heads", str(shape[3]), "--vocab", str(shape[4])])
+        small_sizes = tensor_sizes(src)
+        params = sum(small_sizes) // 4
+        os.sync()
+        widen_s, widen_rss = child([sys.executable, "-m", "onnx_widen", "widen", src, "-o", out, "--factor", str(a.factor),
+                                    "--no-validate", "--external-data", "wide.onnx.data", "-q"])
+        sizes = tensor_sizes(out)
+        out_bytes, largest = sum(sizes), max(sizes)
+        os.sync()
+        floor_s = raw_write(sizes, os.path.join(tmp, "raw.bin"))
+        val_s = val_rss = None
+        if not a.no_validate:
+            val_s, val_rss = child([sys.executable, "-m", "onnx_widen", "validate", src, out])
+        naive_s = None
+        if out_bytes < total_ram() // 2:
+            naive_s, _ = child([sys.executable, "-c", "import onnx, sys; m = onnx.load(sys.argv[1]); "
+                                "onnx.save(m, sys.argv[2], save_as_external_data=True, location='naive.data')",
+                                out, os.path.join(tmp, "naive.onnx")])
+    mb = 2 ** 20
+    res = {
+        "family": a.family, "shape": dict(zip(("hidden", "layers", "ffn", "heads", "vocab"), shape)), "factor": a.factor,
+        "params_small": params, "input_MB": sum(small_sizes) / mb, "output_MB": out_bytes / mb, "largest_tensor_MB": largest / mb,
+        "generate_s": gen_s, "widen_s": widen_s, "raw_write_s": floor_s, "ratio": widen_s / floor_s,
+        "peak_rss_MB": widen_rss, "rss_target_MB": 2 * largest / mb + 500, "validate_s": val_s, "validate_peak_rss_MB": val_rss,
+        "naive_load_save_s": naive_s,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {total_ram() / 2**30:.0f} GiB RAM",
+    }
+    fmt = lambda v, f="{:.1f}": "n/a" if v is None else f.format(v)  # noqa: E731
+    print("| family | small params | K | output MB | largest tensor MB | widen s | raw write s | ratio | peak RSS MB "
+          "| RSS target MB | validate s | validate RSS MB | onnx load+save s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {a.family} | {params:,} | {a.factor} | {res['output_MB']:.0f} | {res['largest_tensor_MB']:.0f} | {widen_s:.1f} | "
+          f"{floor_s:.1f} | {res['ratio']:.2f} | {widen_rss:.0f} | {res['rss_target_MB']:.0f} | {fmt(val_s)} | "
+          f"{fmt(val_rss, '{:.0f}')} | {fmt(naive_s)} |")
     os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(res, f, indent=2)

@@ -31,6 +31,7 @@ class PendingTensor:
     source: str  # the small model's constant it comes from
     values: Callable[[], np.ndarray] | None = None  # None: `proto` is written as it is
     proto: onnx.TensorProto | None = None
+    origin: onnx.TensorProto | None = None  # the small tensor it is computed from (read-ahead hints)
 
     @property
     def nbytes(self) -> int:
@@ -125,11 +126,11 @@ def _onnx_type(dtype) -> int:
 def _pending(g, name: str, new_name: str, recipe) -> PendingTensor:
     t = g.inits[name]
     if recipe is None:
-        return PendingTensor(new_name, tuple(t.dims), t.data_type, name, proto=t)
+        return PendingTensor(new_name, tuple(t.dims), t.data_type, name, proto=t, origin=t)
     if recipe.value is not None:
         value = np.asarray(recipe.value)
         return PendingTensor(new_name, tuple(value.shape), _onnx_type(value.dtype), name, values=lambda: value)
-    return PendingTensor(new_name, recipe.wide_dims(t.dims), t.data_type, name, values=lambda: recipe.compute(g.const(name)))
+    return PendingTensor(new_name, recipe.wide_dims(t.dims), t.data_type, name, values=lambda: recipe.compute(g.const(name)), origin=t)
 
 
 def _without_initializers(model):

@@ -76,8 +76,11 @@ def main_group(ctx, debug):
 @click.option("--dry-run", is_flag=True, help="Print the plan (every rewritten constant, small and wide shape); write nothing.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--report", "report_path", metavar="FILE.json", help="Also write the summary as JSON.")
+@click.option("--external-data", "external_data", default=None, metavar="NAME",
+              help="Write the weights to the file NAME beside OUT (automatic, as OUT.data, over 2 GiB).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
-def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, heads, kv_heads, no_validate, dry_run, provider, report_path, quiet):
+def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, heads, kv_heads, no_validate, dry_run, provider, report_path,
+          external_data, quiet):
     """Widen IN by --factor and write OUT, after checking it computes the same function.
 
     IN may be a folder of exports of one model (encoder, decoder, decoder with past, config.json):
@@ -89,6 +92,8 @@ def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, he
     if dry_run:
         return _print_plan(source, k, f, residual_scale, rope, heads, kv_heads, noise, seed, report_path, quiet)
     if os.path.isdir(source):
+        if external_data is not None:
+            raise UsageError("--external-data names one file; a folder's models each get their own (MODEL.onnx.data) when over 2 GiB")
         from .folder import widen_folder
 
         summary = widen_folder(source, out, k, residual=residual_scale, validate=not no_validate, provider=provider, rope=rope,
@@ -99,13 +104,49 @@ def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, he
         for s in summary["files"].values():
             _print_widen(s, console)
         return
-    summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider, rope=rope,
-                         heads=heads, kv_heads=kv_heads, ffn_factor=f, noise=noise, seed=seed, report=report_path)
+    with _progress(not quiet) as progress:
+        summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider, rope=rope,
+                             heads=heads, kv_heads=kv_heads, ffn_factor=f, noise=noise, seed=seed, report=report_path,
+                             external_data=external_data, progress=progress)
     if report_path:
         write_report(summary, report_path)
     _print_widen(summary, _console(quiet))
     if summary["validation"] is not None and not summary["validation"]["ok"]:
         raise WidenError(f"validation failed: {summary['validation_failure']}; nothing written")
+
+
+# Below this many output bytes the write takes well under a second: no bar.
+PROGRESS_MIN_BYTES = 64 << 20
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool):
+    """A progress bar for the write (tensors done, bytes written, rate) when stdout is a terminal
+    and not --quiet: yields a factory progress(total_bytes, total_tensors) -> tick(bytes, tensor_done)."""
+    if not (enabled and sys.stdout.isatty()):
+        yield None
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn("writing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TextColumn("{task.fields[done]}/{task.fields[count]} tensors"), TimeRemainingColumn(), transient=True)
+
+    def factory(total_bytes, total_tensors):
+        if total_bytes < PROGRESS_MIN_BYTES:
+            return None
+        task = bar.add_task("write", total=total_bytes, done=0, count=total_tensors)
+        bar.start()
+        done = [0]
+
+        def tick(nbytes, tensor_done):
+            done[0] += bool(tensor_done)
+            bar.update(task, advance=nbytes, done=done[0])
+        return tick
+
+    try:
+        yield factory
+    finally:
+        bar.stop()
 
 
 def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, report_path, quiet):

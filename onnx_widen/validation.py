@@ -27,6 +27,9 @@ class OutputCheck:
     max_rel: float
     ok: bool
     mapped: bool
+    # float16/bfloat16 models: relative error of the small and of the wide model against float32.
+    ref_small_rel: float | None = None
+    ref_wide_rel: float | None = None
 
 
 @dataclass
@@ -36,14 +39,21 @@ class ValidationResult:
     provider: str = "cpu"
     atol: float = ATOL
     rtol: float = RTOL
+    reference: str | None = None  # how a float16/bfloat16 model was judged (precision.py)
+    small_outputs: list = field(default_factory=list, repr=False)
 
     @property
     def ok(self) -> bool:
         return all(o.ok for o in self.outputs)
 
     def to_json(self):
-        return {"ok": self.ok, "provider": self.provider, "atol": self.atol, "rtol": self.rtol, "input_shapes": self.input_shapes,
-                "outputs": {o.name: {"max_abs": o.max_abs, "max_rel": o.max_rel, "ok": o.ok, "shape": list(o.shape), "unwidened": o.mapped} for o in self.outputs}}
+        out = {"ok": self.ok, "provider": self.provider, "atol": self.atol, "rtol": self.rtol, "input_shapes": self.input_shapes,
+               "outputs": {o.name: {"max_abs": o.max_abs, "max_rel": o.max_rel, "ok": o.ok, "shape": list(o.shape), "unwidened": o.mapped,
+                                    **({"ref_small_rel": o.ref_small_rel, "ref_wide_rel": o.ref_wide_rel} if o.ref_wide_rel is not None else {})}
+                           for o in self.outputs}}
+        if self.reference:
+            out["reference"] = self.reference
+        return out
 
 
 def _table_rows(graph: Graph, name: str):
@@ -139,30 +149,39 @@ def validate(small, wide, factor: int | None = None, shapes: dict | None = None,
              provider: str = "cpu", seed: int = 0, small_path: str | None = None) -> ValidationResult:
     """SMALL and WIDE are ModelProtos or paths; a path is handed to onnxruntime as it is (external
     data stays on disk). `small_path`: where onnxruntime reads a SMALL ModelProto whose external
-    data was not loaded. The small model runs first and is released before the wide one loads."""
-    from .model_io import read_model
+    data was not loaded. The small model runs first and is released before the wide one loads.
+    float16/bfloat16 models are judged against a float32 reference (precision.py)."""
+    from . import precision
+    from .model_io import load_model, read_model
 
     if isinstance(small, str):
         small_path = small
         small = read_model(small, "lazy")[0]
     wide = os.fspath(wide) if isinstance(wide, os.PathLike) else wide
+    narrow = precision.narrow_dtype(small)
     result = ValidationResult(provider=provider, atol=atol, rtol=rtol)
-    runs = []
-    s_small = session(small_path or small, provider)
-    for k, (dims, fixed) in enumerate(_shape_sets(small, shapes)):
-        feeds = make_inputs(small, fixed, seed + k, dims)
-        result.input_shapes.append({n: list(v.shape) for n, v in feeds.items()})
-        try:
-            runs.append((feeds, s_small.run(None, feeds)))
-        except Exception as e:
-            raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
-    small_outputs = s_small.get_outputs()
-    del s_small
+    try:
+        runs = _run_small(small_path or small, small, shapes, seed, provider, result)
+    except WidenError:
+        if narrow is None:
+            raise
+        # onnxruntime has no kernels for this type here: compare what the widening computed, upcast.
+        small, wide = precision.upcast(small), precision.upcast(load_model(wide) if isinstance(wide, str) else wide)
+        result.reference = f"float32 upcasts of both models ({narrow} does not run on {provider})"
+        result.rtol = rtol = max(rtol, precision.NARROW_RTOL[narrow])
+        narrow = None
+        runs = _run_small(small, small, shapes, seed, provider, result)
+    refs = None
+    if narrow:
+        s_ref = session(precision.upcast(small), provider)
+        refs = [s_ref.run(None, precision.as_inputs_of(feeds, s_ref)) for feeds, _ in runs]
+        del s_ref
+        result.reference = f"float32 upcast of the small model; the wide model's error may be {precision.REFERENCE_MARGIN:g}x the small model's"
     s_wide = session(wide, provider)
     mapping = ((_session_mapping(s_wide) if isinstance(wide, str) else read_mapping(wide)) or {}).get("tensors")
     wide_inputs = {i.name for i in s_wide.get_inputs()}
     worst: dict[str, OutputCheck] = {}
-    for feeds, ref in runs:
+    for r, (feeds, ref) in enumerate(runs):
         wide_feeds = {}
         for n, v in feeds.items():
             if n not in wide_inputs:
@@ -170,10 +189,10 @@ def validate(small, wide, factor: int | None = None, shapes: dict | None = None,
             entry = (mapping or {}).get(n)
             wide_feeds[n] = widen_array(v, entry) if entry else v
         try:
-            got = s_wide.run(None, wide_feeds)
+            got = s_wide.run(None, precision.as_inputs_of(wide_feeds, s_wide))
         except Exception as e:
             raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
-        for o, a, b in zip(small_outputs, ref, got):
+        for i, (o, a, b) in enumerate(zip(result.small_outputs, ref, got)):
             entry = mapping.get(o.name) if mapping is not None else (post_convention(a.shape, b.shape, factor) if factor else None)
             if entry is None and a.shape != b.shape:
                 raise WidenError(f"output {o.name!r}: shape {b.shape} of the wide model cannot be mapped to {a.shape}"
@@ -181,18 +200,54 @@ def validate(small, wide, factor: int | None = None, shapes: dict | None = None,
             small_b = unwiden(b, entry) if entry else b
             if small_b.shape != a.shape:
                 raise WidenError(f"output {o.name!r}: un-widened shape {small_b.shape} differs from {a.shape}")
-            a64 = a.astype(np.float64)
-            # Equal infinities (masked logits) agree; a NaN proves nothing, so it never validates.
-            same_nonfinite = np.isinf(a64) & (a64 == small_b)
-            err = np.where(same_nonfinite, 0.0, np.abs(a64 - small_b))
-            max_abs = float(err.max()) if err.size else 0.0
-            finite = a64[np.isfinite(a64)]
-            scale = float(np.abs(finite).max()) if finite.size else 0.0
-            max_rel = max_abs / scale if scale > 0 else max_abs
-            bad = bool((~np.isfinite(small_b) & ~same_nonfinite).any())
+            max_abs, scale, bad = _difference(a, small_b)
             ok = (not bad) and max_abs <= atol + rtol * scale
+            ref_small = ref_wide = None
+            if refs is not None:
+                truth = refs[r][i]
+                e_small, _, _ = _difference(truth, a)
+                e_wide, t_scale, bad = _difference(truth, small_b)
+                ok = (not bad) and e_wide <= precision.REFERENCE_MARGIN * e_small + atol + rtol * t_scale
+                ref_small, ref_wide = _rel(e_small, t_scale), _rel(e_wide, t_scale)
+            check = OutputCheck(o.name, tuple(a.shape), max_abs, _rel(max_abs, scale), ok, entry is not None, ref_small, ref_wide)
             prev = worst.get(o.name)
             if prev is None or max_abs > prev.max_abs or not ok:
-                worst[o.name] = OutputCheck(o.name, tuple(a.shape), max_abs, max_rel, ok and (prev.ok if prev else True), entry is not None)
+                check.ok = ok and (prev.ok if prev else True)
+                worst[o.name] = check
     result.outputs = list(worst.values())
     return result
+
+
+def _run_small(src, small, shapes, seed, provider, result) -> list:
+    """(feeds, outputs) of the small model for every input shape set."""
+    s_small = session(src, provider)
+    result.input_shapes = []
+    runs = []
+    for k, (dims, fixed) in enumerate(_shape_sets(small, shapes)):
+        feeds = make_inputs(small, fixed, seed + k, dims)
+        result.input_shapes.append({n: list(v.shape) for n, v in feeds.items()})
+        try:
+            runs.append((feeds, s_small.run(None, feeds)))
+        except Exception as e:
+            raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
+    result.small_outputs = s_small.get_outputs()
+    return runs
+
+
+def _rel(err: float, scale: float) -> float:
+    return err / scale if scale > 0 else err
+
+
+def _difference(ref: np.ndarray, got: np.ndarray) -> tuple:
+    """(max |ref - got|, max |finite ref|, whether got has a non-finite value ref does not)."""
+    a64 = np.asarray(ref, dtype=np.float64)
+    b64 = np.asarray(got, dtype=np.float64)
+    # Equal infinities (masked logits) agree; a NaN proves nothing, so it never validates.
+    same_nonfinite = np.isinf(a64) & (a64 == b64)
+    with np.errstate(invalid="ignore"):
+        err = np.where(same_nonfinite, 0.0, np.abs(a64 - b64))
+    max_abs = float(err.max()) if err.size else 0.0
+    finite = a64[np.isfinite(a64)]
+    scale = float(np.abs(finite).max()) if finite.size else 0.0
+    bad = bool((~np.isfinite(b64) & ~same_nonfinite).any())
+    return max_abs, scale, bad

@@ -148,8 +148,7 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
     }
     t2 = time.perf_counter()
     record_provenance(skeleton, source, summary)
-    tick = progress(sum(writer.entry_bytes(p) for p in pending), len(pending)) if progress else None
-    with writer.write(skeleton, pending, out, external_data, tick) as written:
+    with writer.write(skeleton, pending, out, external_data, progress) as written:
         t3 = time.perf_counter()
         times = {"load": t1 - t0, "plan": t2 - t1, "write": t3 - t2}
         summary["external_data"] = written.external

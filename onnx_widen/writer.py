@@ -35,6 +35,7 @@ ALIGN = 1 << 16  # offsets of big external tensors: onnxruntime maps aligned dat
 ALIGN_MIN = 1 << 20
 PIECE = 1 << 22  # bytes per write call: a stop request is honoured between pieces
 IN_FLIGHT = 2  # wide tensors alive at once: one being written, one being computed
+FLUSH_BEHIND_BYTES = 1 << 30  # outputs from this size on are written back as they go (_PageCache)
 
 
 # ---- protobuf framing -----------------------------------------------------------------------------
@@ -86,11 +87,6 @@ def _streamed(p) -> bool:
     return p.values is not None or model_io.is_external(p.proto)
 
 
-def entry_bytes(p) -> int:
-    """Bytes of the tensor's values (what the progress bar counts)."""
-    return _nbytes(p)
-
-
 def _nbytes(p) -> int:
     if p.values is None:
         n = model_io.data_bytes(p.proto)
@@ -104,9 +100,10 @@ class _Pipe:
     """Chunks go to the file in order from a writer thread, so disk writes overlap with the
     computation of the next tensor (numpy and os.write both release the GIL)."""
 
-    def __init__(self, fd: int, target: str, progress=None):
+    def __init__(self, fd: int, target: str, progress=None, flush_behind: bool = False):
         self.fd = fd
         self.target = target
+        self.cache = _PageCache(fd) if flush_behind else None
         self.progress = progress
         self.slots = threading.Semaphore(IN_FLIGHT)
         self.jobs: queue.Queue = queue.Queue()
@@ -127,19 +124,26 @@ class _Pipe:
             job = self.jobs.get()
             if job is None:
                 return
-            chunks, tensor_done = job
-            try:
-                if self.error is None and not self.stop.is_set():
-                    for c in chunks:
-                        self._write(c)
-                    if self.progress is not None:
-                        self.progress(sum(len(c) for c in chunks), tensor_done)
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                self.error = e
-            finally:
-                del chunks
-                if tensor_done:
-                    self.slots.release()
+            tensor_done = job[1]
+            self._do(job)
+            del job  # the tensor's memory goes before its slot does
+            if tensor_done:
+                self.slots.release()
+
+    def _do(self, job):
+        chunks, tensor_done = job
+        try:
+            if self.error is None and not self.stop.is_set():
+                n = 0
+                for c in chunks:
+                    self._write(c)
+                    n += len(c)
+                if self.cache is not None:
+                    self.cache.written(n)
+                if self.progress is not None:
+                    self.progress(n, tensor_done)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            self.error = e
 
     def _write(self, data):
         view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
@@ -165,11 +169,71 @@ class _Pipe:
 
 
 def _stream_tensors(pipe: _Pipe, pending, frame):
-    """Compute each pending tensor and send `frame(p, raw)` chunks to the pipe."""
-    for p in pending:
+    """Compute each pending tensor and send `frame(p, raw)` chunks to the pipe. The next tensor's
+    input is read ahead while this one is computed, and an input range nobody reads again is
+    dropped from the page cache (a model larger than memory streams through it)."""
+    for i, p in enumerate(pending):
+        nxt = pending[i + 1] if i + 1 < len(pending) else None
+        if nxt is not None:
+            _advise_input(nxt, "WILLNEED")
         pipe.reserve()
         raw = _raw(p.array()) if _streamed(p) else None
         pipe.send(frame(p, raw), tensor_done=True)
+        del raw
+        if pipe.cache is not None and (nxt is None or nxt.origin is not p.origin):
+            _advise_input(p, "DONTNEED")
+
+
+def _advise_input(p, advice: str):
+    """posix_fadvise on the external data range a pending tensor reads, if any."""
+    t = p.origin
+    if t is None or not model_io.is_external(t) or not hasattr(os, "posix_fadvise"):
+        return
+    e = {x.key: x.value for x in t.external_data}
+    try:
+        fd = os.open(e["location"], os.O_RDONLY)
+    except (OSError, KeyError):
+        return
+    try:
+        os.posix_fadvise(fd, int(e.get("offset") or 0), int(e.get("length") or 0) or model_io.data_bytes(t) or 0,
+                         getattr(os, f"POSIX_FADV_{advice}"))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _PageCache:
+    """Write-behind for outputs bigger than memory: start writing each tensor back as soon as it
+    is written, wait for the one before and drop it from the page cache, so dirty pages stay
+    around two tensors instead of filling memory (and the final fsync has little left to do)."""
+
+    WRITE, WAIT = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.pos = os.lseek(fd, 0, os.SEEK_CUR)
+        self.previous = None
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            self.sync_range = libc.sync_file_range
+            self.sync_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        except (OSError, AttributeError):
+            self.sync_range = None
+
+    def written(self, n: int):
+        start, self.pos = self.pos, self.pos + n
+        if self.sync_range is None:
+            return
+        self.sync_range(self.fd, start, n, self.WRITE)
+        if self.previous is not None:
+            a, b = self.previous
+            self.sync_range(self.fd, a, b, self.WAIT)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self.fd, a, b, os.POSIX_FADV_DONTNEED)
+        self.previous = (start, n)
 
 
 # ---- the two forms --------------------------------------------------------------------------------
@@ -237,7 +301,8 @@ class SingleFile(Written):
         total = len(_len_field(GRAPH_FIELD, graph_len)) + graph_len + len(self._tail())
         if total > model_io.PROTOBUF_LIMIT:
             raise WidenError(f"internal error: a {total} byte model cannot be one ONNX file")
-        pipe = _Pipe(self.fd, self.out, progress)
+        tick = progress(len(_len_field(GRAPH_FIELD, graph_len)) + graph_len, len(pending)) if progress else None
+        pipe = _Pipe(self.fd, self.out, tick, flush_behind=graph_len >= FLUSH_BEHIND_BYTES)
         ok = False
         try:
             pipe.send([_len_field(GRAPH_FIELD, graph_len), head])
@@ -322,29 +387,31 @@ class ExternalData(Written):
 
     def write(self, pending, progress=None):
         fd = os.open(self.data_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
-        offset = 0
-        inline = [p for p in pending if _nbytes(p) < INLINE_BYTES or not _streamed(p) and p.proto.data_type == TensorProto.STRING]
-        inline_ids = {id(p) for p in inline}
-        pipe = _Pipe(fd, self.out, progress)
+        offset, pads, streamed = 0, {}, []
+        for p in pending:
+            n = _nbytes(p)
+            if n < INLINE_BYTES or not _streamed(p) and p.proto.data_type == TensorProto.STRING:
+                self.initializers.append(p.tensor())
+                continue
+            pads[id(p)] = pad = (-offset) % ALIGN if n >= ALIGN_MIN else 0
+            t = _bare_tensor(p)
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self.external), ("offset", str(offset + pad)), ("length", str(n))):
+                t.external_data.add(key=key, value=value)
+            self.initializers.append(t)
+            streamed.append(p)
+            offset += pad + n
+
+        def frame(p, raw):
+            if len(raw) != _nbytes(p):
+                raise WidenError(f"internal error: tensor {p.name!r} has {len(raw)} bytes, planned {_nbytes(p)}")
+            return [bytes(pads[id(p)]), raw] if pads[id(p)] else [raw]
+
+        tick = progress(offset, len(streamed)) if progress else None
+        pipe = _Pipe(fd, self.out, tick, flush_behind=offset >= FLUSH_BEHIND_BYTES)
         ok = False
         try:
-            for p in pending:
-                if id(p) in inline_ids:
-                    self.initializers.append(p.tensor())
-                    continue
-                n = _nbytes(p)
-                pad = (-offset) % ALIGN if n >= ALIGN_MIN else 0
-                t = _bare_tensor(p)
-                t.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", self.external), ("offset", str(offset + pad)), ("length", str(n))):
-                    t.external_data.add(key=key, value=value)
-                self.initializers.append(t)
-                pipe.reserve()
-                raw = _raw(p.array())
-                if len(raw) != n:
-                    raise WidenError(f"internal error: tensor {p.name!r} has {len(raw)} bytes, planned {n}")
-                pipe.send([bytes(pad), raw] if pad else [raw], tensor_done=True)
-                offset += pad + n
+            _stream_tensors(pipe, streamed, frame)
             ok = True
         finally:
             pipe.close(ok)
@@ -406,7 +473,8 @@ def estimate_size(skeleton: onnx.ModelProto, pending) -> int:
 
 def write(skeleton: onnx.ModelProto, pending, out: str, external: str | None = None, progress=None) -> Written:
     """Write the model under a temporary name. `external`: the data file's name, or None for one
-    file (a model that cannot be one file gets OUT's name + '.data')."""
+    file (a model that cannot be one file gets OUT's name + '.data'). `progress`: a factory
+    progress(total_bytes, tensors) -> tick(bytes, tensor_done), called once the layout is known."""
     if external is None and estimate_size(skeleton, pending) > model_io.PROTOBUF_LIMIT - (1 << 20):
         external = default_data_name(out)
     w = ExternalData(out, skeleton, external) if external else SingleFile(out, skeleton)
