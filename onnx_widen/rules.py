@@ -166,8 +166,33 @@ def rotary_angles(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
     return wide.reshape(small.shape[:-1] + (lay.wide,)).astype(small.dtype)
 
 
+def _trig_table(trig, inverse):
+    """A [positions, pairs] cos or sin cache (onnxruntime's RotaryEmbedding / GroupQueryAttention
+    inputs). The frequencies f_j = f_0 r**j are read from row 1 of the first two columns (the
+    largest ones, <= 1 rad, where the inverse is exact; the small ones are lost to rounding
+    there) and checked against the whole table; the table is recomputed at the widened
+    frequencies for every position, units copied from the small cache keep their exact values."""
+    def rebuild(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
+        if axis != small.ndim - 1 or small.ndim != 2 or small.shape[0] < 2:
+            return None
+        table = small.astype(np.float64)
+        n = table.shape[1]
+        f0, f1 = inverse(np.clip(table[1, :2], -1.0, 1.0)) if n > 1 else (inverse(np.clip(table[1, 0], -1.0, 1.0)), 0.0)
+        f = f0 * (f1 / f0) ** np.arange(n) if n > 1 and f0 > 0 else np.array([f0])
+        p = np.arange(table.shape[0])[:, None]
+        if not np.allclose(trig(p * f), table, atol=1e-4):
+            return None
+        fw = rotary_frequencies(f, lay, 0)
+        wide = trig(p * fw)
+        valid = lay.src >= 0
+        wide[:, valid] = table[:, lay.src[valid]]
+        return wide.astype(small.dtype)
+    return rebuild
+
+
 # How each kind of rotary table is rebuilt at the wide config's frequencies.
-ROTARY_TABLES = {"rotary frequencies": rotary_frequencies, "rotary cache": rotary_cache, "rotary angles": rotary_angles}
+ROTARY_TABLES = {"rotary frequencies": rotary_frequencies, "rotary cache": rotary_cache, "rotary angles": rotary_angles,
+                 "rotary cos cache": _trig_table(np.cos, np.arccos), "rotary sin cache": _trig_table(np.sin, np.arcsin)}
 
 
 def symmetry_breaking_noise(wide: np.ndarray, small: np.ndarray, layouts: list, read_axes, std: float, seed: int) -> np.ndarray:
