@@ -216,7 +216,9 @@ def _rotary(an, node, head_sym, cos_i, sin_i, rotary_dim, interleaved):
         parts = D.split_parts(head_sym, [n, n] + ([dh - rot] if rot < dh else []), where)
         pairs = an.unify(parts[0], parts[1], node)
     D.tag_all(pairs, "rotary")
-    D.tag_all(head_sym, "spread")  # pass-through units spread too, so q.k has one factor per head
+    # Every piece is head size (kept whole when heads grow); pass-through units spread like the
+    # rotary ones, so that q.k needs one factor for the whole head.
+    D.tag_all(head_sym, "head_dim", "spread")
     for i, role in ((cos_i, "rotary cos cache"), (sin_i, "rotary sin cache")):
         src, perm = _const(an, node, i, role)
         if perm is not None:
