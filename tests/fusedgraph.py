@@ -11,7 +11,8 @@ MS = "com.microsoft"
 
 def build(d=64, heads=4, kv_heads=2, ffn=96, vocab=40, layers=2, attention="gqa", rotary="gqa", interleaved=False,
           rotary_dim=None, packed=False, past=False, qkv_bias=True, scale=None, max_pos=64, base=10000.0, seed=0):
-    """attention: "gqa" or "mha" (MultiHeadAttention needs kv_heads == heads and rotary "op" or "none");
+    """attention: "gqa", "mha" (MultiHeadAttention: kv_heads == heads, rotary "op" or "none") or
+    "attention" (packed Attention, rotary "none");
     rotary: "gqa" (do_rotary=1), "op" (RotaryEmbedding on q and k), "none"; rotary_dim: partial rotary;
     scale: None (the op's implicit 1/sqrt(head_size)), "head" (that value as an attribute) or a number."""
     rng = np.random.default_rng(seed)
@@ -59,8 +60,18 @@ def build(d=64, heads=4, kv_heads=2, ffn=96, vocab=40, layers=2, attention="gqa"
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
     outputs = []
     extra = {} if scale is None else {"scale": float(dh ** -0.5 if scale == "head" else scale)}
-    for L in range(layers):
-        h = rms(x, f"ln{L}")
+    mask32 = node("Cast", ["attention_mask"], "mask_index", to=TensorProto.INT32)
+
+    def packed_attention(h, L):
+        """The projection inside the op, GPT-2 style: causal, one past tensor [2, B, N, P, dh]."""
+        past_in = f"past_{L}" if past else ""
+        if past:
+            inputs.append(helper.make_tensor_value_info(past_in, TensorProto.FLOAT, [2, "batch", heads, "past", dh]))
+        outputs.append(helper.make_tensor_value_info(f"present_{L}", TensorProto.FLOAT, [2, "batch", heads, "total", dh]))
+        return node("Attention", [h, w(f"qkv{L}.W", d, 3 * d), w(f"qkv{L}.b", 3 * d, s=0.2), mask32, past_in],
+                    [f"attn{L}", f"present_{L}"], domain=MS, num_heads=heads, unidirectional=1, **extra)
+
+    def projected_attention(h, L):
         if packed:
             q = linear(h, d, (heads + 2 * kv_heads) * dh, f"qkv{L}", qkv_bias)
             k = v = ""
@@ -75,25 +86,28 @@ def build(d=64, heads=4, kv_heads=2, ffn=96, vocab=40, layers=2, attention="gqa"
             q = node("RotaryEmbedding", [q, positions, cos, sin], f"q_rot{L}", domain=MS, num_heads=heads, **kw)
             k = node("RotaryEmbedding", [k, positions, cos, sin], f"k_rot{L}", domain=MS, num_heads=kv_heads, **kw)
         pk, pv = (f"past_key_{L}", f"past_value_{L}") if past else ("", "")
+        kvh = kv_heads if attention == "gqa" else heads
         if past:
-            kvh = kv_heads if attention == "gqa" else heads
-            inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", kvh, "past", dh]) for n in (pk, pv)]
+            inputs.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", kvh, "past", dh]) for n in (pk, pv))
         present = [f"present_key_{L}", f"present_value_{L}"]
-        outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in present]
+        outputs.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", kvh, "total", dh]) for n in present)
         if attention == "gqa":
             rot_in = [cos, sin] if rotary == "gqa" else ["", ""]
-            a = node("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total] + rot_in, [f"attn{L}"] + present, domain=MS,
-                     num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary == "gqa"), rotary_interleaved=int(interleaved),
-                     **extra)
-        else:
-            a = node("MultiHeadAttention", [q, k, v, "", "", "", pk, pv], [f"attn{L}"] + present, domain=MS,
-                     num_heads=heads, unidirectional=1, **extra)
+            return node("GroupQueryAttention", [q, k, v, pk, pv, seqlens, total] + rot_in, [f"attn{L}"] + present, domain=MS,
+                        num_heads=heads, kv_num_heads=kv_heads, do_rotary=int(rotary == "gqa"),
+                        rotary_interleaved=int(interleaved), **extra)
+        return node("MultiHeadAttention", [q, k, v, "", "", "", pk, pv], [f"attn{L}"] + present, domain=MS,
+                    num_heads=heads, unidirectional=1, **extra)
+
+    for L in range(layers):
+        h = rms(x, f"ln{L}")
+        a = packed_attention(h, L) if attention == "attention" else projected_attention(h, L)
         x = node("Add", [x, linear(a, heads * dh, d, f"o{L}", True)], f"res_a{L}")
         h = rms(x, f"ln_f{L}")
         u = linear(h, d, ffn, f"up{L}")
         act = node("Mul", [u, node("Sigmoid", [u], f"sig{L}")], f"silu{L}")
         x = node("Add", [x, linear(act, ffn, d, f"down{L}")], f"res_f{L}")
     logits = linear(rms(x, "ln_out"), d, vocab, "lm_head")
-    outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, None)] + outputs
+    outputs = [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["batch", "sequence", vocab])] + outputs
     graph = helper.make_graph(nodes, "fused_decoder", inputs, outputs, initializer=inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)], ir_version=9)

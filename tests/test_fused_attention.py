@@ -8,9 +8,8 @@ import pytest
 from onnx_widen import WidenError, validate, widen
 from onnx_widen.validation import make_inputs
 
+import fusedgraph
 from conftest import SAMPLES, ort_optimize, run
-
-pytest.importorskip("onnxruntime.transformers.optimizer")
 
 BERT_EAGER = SAMPLES / "bert/bert_eager_ts17.onnx"
 FUSED = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "RotaryEmbedding")
@@ -29,6 +28,7 @@ def _fused(model, op):
 
 
 def _optimized(variant, level=0, model=BERT_EAGER, hidden=64, heads=4):
+    pytest.importorskip("onnxruntime.transformers.optimizer")  # the hand-built graphs below need only onnxruntime
     return ort_optimize(model, "bert", hidden, heads=heads, level=level, attention=True, **VARIANTS[variant])
 
 
@@ -96,8 +96,6 @@ def test_optimize_then_widen_is_the_wide_export_optimized(variant, k):
 
 
 # ---- hand-built graphs: GroupQueryAttention, MultiHeadAttention, RotaryEmbedding ------------------
-import fusedgraph  # noqa: E402
-
 CASES = {
     "gqa, rotary inside": {},
     "gqa, rotary inside, interleaved": {"interleaved": True},
@@ -109,6 +107,8 @@ CASES = {
     "gqa + RotaryEmbedding ops": {"rotary": "op"},
     "RotaryEmbedding, partial, interleaved": {"rotary": "op", "rotary_dim": 8, "interleaved": True},
     "mha + RotaryEmbedding ops": {"attention": "mha", "kv_heads": 4, "rotary": "op"},
+    "Attention, causal": {"attention": "attention", "rotary": "none"},
+    "Attention, causal, explicit 1/sqrt(head_size)": {"attention": "attention", "rotary": "none", "scale": "head"},
 }
 OPTIONS = {
     "K=2": {"factor": 2}, "K=3": {"factor": 3}, "K=2 grow": {"factor": 2, "heads": "grow"},
@@ -162,13 +162,15 @@ def _past_shapes(model, batch, seq, past):
     shapes = {"input_ids": (batch, seq), "attention_mask": (batch, past + seq)}
     for i in model.graph.input:
         if i.name.startswith("past_"):
-            dims = i.type.tensor_type.shape.dim
-            shapes[i.name] = (batch, dims[1].dim_value, past, dims[3].dim_value)
+            fixed = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            # past key/value (B, N, P, dh), or Attention's stacked (2, B, N, P, dh)
+            shapes[i.name] = (batch, fixed[1], past, fixed[3]) if len(fixed) == 4 else (2, batch, fixed[2], past, fixed[4])
     return shapes
 
 
 @pytest.mark.parametrize("option", ["K=2", "K=3", "K=2 grow", "K=2 grow, kv kept"])
-@pytest.mark.parametrize("case", ["gqa, rotary inside", "gqa, packed qkv", "gqa + RotaryEmbedding ops", "mha + RotaryEmbedding ops"])
+@pytest.mark.parametrize("case", ["gqa, rotary inside", "gqa, packed qkv", "gqa + RotaryEmbedding ops", "mha + RotaryEmbedding ops",
+                                  "Attention, causal"])
 def test_kv_cache_of_fused_attention(case, option):
     """Past key/value inputs and present outputs carry the widened head axes; the validator feeds
     the widened past (decode steps and a chunk after a prompt)."""
