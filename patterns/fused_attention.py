@@ -46,13 +46,13 @@ def _width(an, node, name, what):
     return sym
 
 
-def _heads(an, node, sym, counts, where=None):
+def _heads(an, node, sym, counts):
     """Factor a width into (heads..., head size) as the op splits it, and tag the pieces."""
     size = sym.find().size
     n = math.prod(counts)
     if size % n:
         an.fail(node, f"width {size} is not a multiple of the head count {n}")
-    pieces = D.split(sym, list(counts) + [size // n], where or an.name(node))
+    pieces = D.split(sym, list(counts) + [size // n], an.name(node))
     for p in pieces[:-1]:
         D.tag_all(p, "heads")
     D.tag_all(pieces[-1], "head_dim")
