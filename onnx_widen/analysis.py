@@ -48,6 +48,16 @@ class AttrUse:
 
 
 @dataclass
+class AttrValue:
+    """An attribute whose wide value follows from the plan (a head count, packed part sizes, a
+    canonical softmax scale): `value(plan)` gives it."""
+
+    node: onnx.NodeProto
+    attr: str
+    value: object  # callable(plan) -> int | float | list[int]
+
+
+@dataclass
 class ShapeUse:
     """An integer input read as a shape; `required(plan)` gives its wide value."""
 
@@ -73,6 +83,7 @@ class Analysis:
         self.params: list[ParamUse] = []
         self.scalars: list[ScalarUse] = []
         self.attrs: list[AttrUse] = []
+        self.attr_values: list[AttrValue] = []
         self.shape_uses: list[ShapeUse] = []
         self.scale = ScaleSystem()
         self.matches: list[Match] = []

@@ -109,7 +109,7 @@ def rewrite(plan: Plan) -> tuple[onnx.ModelProto, list]:
         c = node_copy[id(node)]
         for a in c.attribute:
             if a.name == attr_name:
-                a.f = float(value)
+                a.CopyFrom(helper.make_attribute(attr_name, value))  # float, int or ints, as planned
     _rewrite_signature(plan, graph)
     graph.ClearField("value_info")
     o = plan.opts

@@ -102,7 +102,7 @@ def broadcast_axes(an, node, inputs, skip_axis=None):
     for name in inputs:
         if not name or an.tracked(name) or const_source(an, name) is not None:
             continue
-        if _adopt_graph_input(an, node, name, axes):
+        if adopt_graph_input(an, node, name, axes):
             continue
         shape = an.shape(name)
         for j, oj in enumerate(aligned(an, name, len(oshape))):
@@ -112,7 +112,7 @@ def broadcast_axes(an, node, inputs, skip_axis=None):
     return axes
 
 
-def _adopt_graph_input(an, node, name, out_axes):
+def adopt_graph_input(an, node, name, out_axes):
     """A float graph input combined with widened data (a KV cache) carries width itself: it takes
     the widened axes it lines up with, and its mapping is recorded for callers. Single-input
     pass-throughs between the input and here (Identity, Cast, a one-input Concat) follow it."""

@@ -132,6 +132,11 @@ class Plan:
             raise WidenError(f"dimension {sym!r}: uneven copies cannot be summed exactly")
         return math.log(int(copies[0]))
 
+    def log_growth(self, sym) -> float:
+        """log(wide size / small size) of a dimension (an implicit 1/sqrt(head_size) follows it)."""
+        lay = self.layout(sym)
+        return math.log(lay.wide / lay.small)
+
     def log_ratio(self, use) -> float:
         node, idx = use
         small = self.an.value(node.input[idx])
@@ -437,6 +442,10 @@ def _scalars_and_attrs(plan: Plan):
         old = attr(a.node, a.attr, 1e-5)
         plan.attr_edits.append((a.node, a.attr, old * f))
         plan.notes.append(f"{a.attr} of {an.name(a.node)} changed from {old:.3g} to {old * f:.3g} (not the wide config's value)")
+    for a in an.attr_values:
+        new = a.value(plan)
+        if new != attr(a.node, a.attr):
+            plan.attr_edits.append((a.node, a.attr, new))
 
 
 def _io_mappings(plan: Plan):

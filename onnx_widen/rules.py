@@ -238,8 +238,58 @@ def rotary_angles(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
     return wide.reshape(small.shape[:-1] + (lay.wide,)).astype(small.dtype)
 
 
+def _table_frequency(col: np.ndarray, trig) -> tuple[float, bool]:
+    """The frequency f of one column trig(p * f), p = 0, 1, ..: read at row 1, then refined row
+    by row on the branch nearest the prediction, wherever the inverse is well conditioned (the
+    error of f shrinks as 1/p). Second value: whether any row was well conditioned."""
+    inverse, other = (np.arccos, np.sin) if trig is np.cos else (np.arcsin, np.cos)
+    f = abs(float(inverse(np.clip(col[1], -1.0, 1.0))))
+    good = False
+    for q in range(2, len(col)):
+        a = float(inverse(np.clip(col[q], -1.0, 1.0)))
+        pred = q * f
+        candidates = (a, -a) if trig is np.cos else (a, np.pi - a)
+        theta = min((c + 2 * np.pi * round((pred - c) / (2 * np.pi)) for c in candidates), key=lambda t: abs(t - pred))
+        if abs(other(theta)) > 0.5:
+            f, good = theta / q, True
+    return f, good
+
+
+def _trig_table(trig):
+    """A [positions, pairs] cos or sin cache (onnxruntime's RotaryEmbedding / GroupQueryAttention
+    inputs). Copies need no frequencies; otherwise the frequencies f_j = f_0 r**j are fitted to
+    the columns that determine them well (float32 rounding hides a small f in cos), checked
+    against the whole table, widened like inv_freq, and the table recomputed for every position;
+    units copied from the small cache keep their exact values."""
+    def rebuild(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
+        if axis != small.ndim - 1 or small.ndim != 2 or small.shape[0] < 3:
+            return None
+        if (lay.src >= 0).all():
+            return np.take(small, lay.src, axis=1)
+        table = small.astype(np.float64)
+        n = table.shape[1]
+        fits = [_table_frequency(table[:, j], trig) for j in range(n)]
+        cols = [j for j, (f, good) in enumerate(fits) if good and f > 0] or [j for j in range(min(n, 2)) if fits[j][0] > 0]
+        if not cols:
+            return None
+        if len(cols) > 1:
+            slope, intercept = np.polyfit(cols, np.log([fits[j][0] for j in cols]), 1)
+            f = np.exp(intercept + slope * np.arange(n))
+        else:
+            f = np.full(n, fits[cols[0]][0])
+        p = np.arange(table.shape[0])[:, None]
+        if not np.allclose(trig(p * f), table, atol=1e-4):
+            return None
+        wide = trig(p * rotary_frequencies(f, lay, 0))
+        valid = lay.src >= 0
+        wide[:, valid] = table[:, lay.src[valid]]
+        return wide.astype(small.dtype)
+    return rebuild
+
+
 # How each kind of rotary table is rebuilt at the wide config's frequencies.
-ROTARY_TABLES = {"rotary frequencies": rotary_frequencies, "rotary cache": rotary_cache, "rotary angles": rotary_angles}
+ROTARY_TABLES = {"rotary frequencies": rotary_frequencies, "rotary cache": rotary_cache, "rotary angles": rotary_angles,
+                 "rotary cos cache": _trig_table(np.cos), "rotary sin cache": _trig_table(np.sin)}
 
 
 def symmetry_breaking_noise(wide: np.ndarray, small: np.ndarray, layouts: list, read_axes, std: float, seed: int) -> np.ndarray:

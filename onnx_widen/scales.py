@@ -23,7 +23,8 @@ class Term:
     """A constant part of a constraint, evaluated once the plan (layouts, wide values) is known."""
 
     kind: str  # "const", or a quantity the plan knows: "ratio" (wide/small value of a scalar input),
-    # "copies" (copies of each unit of a dim), "output" (the convention for a graph output)
+    # "copies" (copies of each unit of a dim), "growth" (wide / small size of a dim),
+    # "output" (the convention for a graph output)
     value: object = 0.0
     sign: float = 1.0
 

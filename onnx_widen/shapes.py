@@ -88,6 +88,7 @@ def infer(graph: Graph, input_shapes: dict[str, tuple]) -> ShapeInfo:
     for _ in range(12):
         shapes, dtypes = _onnx_infer(graph, input_shapes, values, extra)
         grew = _same_shape_outputs(graph, shapes, dtypes, extra)
+        grew = _contrib_outputs(graph, shapes, dtypes, extra, values) or grew
         new_values = evaluate(graph, shapes, {})
         if set(new_values) <= set(values) and not grew:
             break
@@ -114,6 +115,23 @@ def _same_shape_outputs(graph, shapes, dtypes, extra):
             o = n.output[i] if len(n.output) > i else ""
             if o and o not in shapes and o not in extra:
                 extra[o] = (shapes[n.input[0]], dtypes.get(n.input[0], TensorProto.FLOAT))
+                grew = True
+    return grew
+
+
+def _contrib_outputs(graph, shapes, dtypes, extra, values):
+    """Fused attention ops: their outputs' shapes by the op's own rule (contrib_shapes)."""
+    from .contrib_shapes import RULES
+
+    grew = False
+    for n in graph.nodes:
+        rule = RULES.get(n.op_type) if n.domain == "com.microsoft" else None
+        if rule is None:
+            continue
+        out_shapes = rule(n, lambda name: shapes.get(name) if name else None, values.get)
+        for o, shape in zip(n.output, out_shapes or []):
+            if o and shape is not None and o not in shapes and o not in extra:
+                extra[o] = (tuple(int(d) for d in shape), dtypes.get(n.input[0], TensorProto.FLOAT))
                 grew = True
     return grew
 
