@@ -112,6 +112,13 @@ class Analysis:
             raise WidenError(f"tensor {out!r}: rank mismatch in width analysis ({len(axes)} vs {len(self.shape(out))})")
         self.axes[out] = axes
 
+    def internal(self, node, what: str, like: str) -> str:
+        """Name a tensor a fused op computes inside without a graph name (EmbedLayerNormalization's
+        embedding sum), shaped like `like`, so that its scale can be solved for like any other."""
+        name = f"{self.name(node)}/{what}"
+        self.info.shapes[name] = self.shape(like)
+        return name
+
     def claim(self, node, pattern: str):
         self.claims[self.name(node)] = pattern
 

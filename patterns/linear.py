@@ -7,6 +7,8 @@ from onnx_widen.graph import attr
 from onnx_widen.match import OpPattern, const_source, source_axes, source_read_axes, width_param_axes, width_scalar
 from onnx_widen.scales import Term
 
+from .embedding import lookup_of
+
 
 def _weight(an, node):
     if len(node.input) < 2 or not an.tracked(node.input[0]) or an.tracked(node.input[1]):
@@ -20,27 +22,26 @@ def _weight(an, node):
 
 
 def _tied_lookup(an, table, view_name=None):
-    """Output of an embedding Gather reading the same table, if any. TorchScript exports a tied
-    head as its own transposed copy of the table: a weight equal to a table's transpose is tied too."""
-    for c in an.graph.consumers.get(table, []):
-        if c.op_type == "Gather" and c.input[0] == table and an.tracked(c.output[0]):
-            return c.output[0]
-    if view_name is None:
-        return None
+    """The tensor whose scale an embedding table reading the same constant follows, if any.
+    TorchScript exports a tied head as its own transposed copy of the table: a weight equal to a
+    table's transpose is tied too."""
+    direct = lookup_of(an, table)
+    if direct is not None or view_name is None:
+        return direct
     import numpy as np
 
     view = None
     for m in an.matches:
-        if m.kind != "embedding" or m.info["table"] == table:
+        t = m.info.get("table")
+        if not m.info.get("lookup") or t == table:
             continue
-        t = m.info["table"]
         if an.graph.const_shape(t)[::-1] != an.shape(view_name):
             continue
         if view is None:
             src, perm = const_source(an, view_name)
             view = an.graph.const(src) if perm is None else np.transpose(an.graph.const(src), perm)
         if np.array_equal(view, an.graph.const(t).T):
-            return next(n.output[0] for n in an.graph.nodes if an.name(n) == m.nodes[0])
+            return m.info["lookup"]
     return None
 
 
