@@ -24,7 +24,7 @@ class ParamUse:
     axes: tuple  # Sym | None per axis of the constant
     read_axes: frozenset  # axes summed against a widened input (divided by the copies)
     log_factor: dict  # tensor -> coef; factor = exp(sum coef * s_tensor + const)
-    const: float = 0.0
+    const: object = 0.0  # float, or a Term the plan evaluates (a rewritten attribute's ratio)
     role: str = ""
 
 

@@ -45,6 +45,16 @@ def _fused_matmul(node, shapes, dtypes):
     return [(0, tuple(batch) + (sa[-2], sb[-1]), dtypes.get(a, TensorProto.FLOAT))]
 
 
+def _fused_gemm(node, shapes, dtypes):
+    """FusedGemm: activation(alpha * op(A) @ op(B) + beta * C), A and B matrices."""
+    a, b = node.input[0], node.input[1]
+    if a not in shapes or b not in shapes:
+        return []
+    m = shapes[a][1] if attr(node, "transA", 0) else shapes[a][0]
+    n = shapes[b][0] if attr(node, "transB", 0) else shapes[b][1]
+    return [(0, (m, n), dtypes.get(a, TensorProto.FLOAT))]
+
+
 def _bias_split_gelu(node, shapes, dtypes):
     """BiasSplitGelu: the last axis is split in halves, the first gated by GELU of the second."""
     x = node.input[0]
@@ -60,6 +70,7 @@ RULES = {
     **{op: _like_input(0, 3) for op in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")},
     "EmbedLayerNormalization": _embed_layer_norm,
     "FusedMatMul": _fused_matmul,
+    "FusedGemm": _fused_gemm,
     "BiasSplitGelu": _bias_split_gelu,
 }
 

@@ -12,17 +12,33 @@ NONLINEAR = ("Erf", "Tanh", "Sigmoid", "Exp", "Log", "Softplus", "Softsign", "Ge
 HOMOGENEOUS = ("Relu", "LeakyRelu", "Neg", "Abs")
 
 
-def nonlinear(an, node):
-    x, out = node.input[0], node.output[0]
+def _pin(an, node, x, out):
     an.set(out, an.ax(x))
     an.scale.fix(x, an.name(node))
     an.scale.fix(out, an.name(node))
 
 
-def homogeneous(an, node):
-    x, out = node.input[0], node.output[0]
+def _pass(an, node, x, out):
     an.set(out, an.ax(x))
     an.scale.equal(out, x, an.name(node))
+
+
+def nonlinear(an, node):
+    _pin(an, node, node.input[0], node.output[0])
+
+
+def homogeneous(an, node):
+    _pass(an, node, node.input[0], node.output[0])
+
+
+def activate(an, node, op, x, out):
+    """An activation named by an attribute (FusedGemm's `activation`), from x to out."""
+    if op in NONLINEAR:
+        _pin(an, node, x, out)
+    elif op in HOMOGENEOUS:
+        _pass(an, node, x, out)
+    else:
+        an.fail(node, f"activation {op!r} is not supported")
 
 
 def biased_nonlinear(an, node):
