@@ -55,6 +55,32 @@ def _fused_gemm(node, shapes, dtypes):
     return [(0, (m, n), dtypes.get(a, TensorProto.FLOAT))]
 
 
+def _matmul_of(ia, ib):
+    """A matrix product of inputs ia and ib (quantized products keep scales and zero points between)."""
+    def rule(node, shapes, dtypes):
+        a, b = node.input[ia], node.input[ib]
+        if a not in shapes or b not in shapes or len(shapes[a]) < 1 or len(shapes[b]) != 2:
+            return []
+        return [(0, tuple(shapes[a][:-1]) + (shapes[b][-1],), TensorProto.FLOAT)]
+    return rule
+
+
+def _matmul_nbits(node, shapes, dtypes):
+    """MatMulNBits: [.., K] @ a packed [N, K] weight -> [.., N] (N is an attribute)."""
+    a = node.input[0]
+    if a not in shapes or attr(node, "N") is None:
+        return []
+    return [(0, tuple(shapes[a][:-1]) + (int(attr(node, "N")),), dtypes.get(a, TensorProto.FLOAT))]
+
+
+def _qlinear_binary(node, shapes, dtypes):
+    """QLinearAdd / QLinearMul: A at input 0, B at input 3, broadcast; quantized like A."""
+    a, b = node.input[0], node.input[3]
+    if a not in shapes or b not in shapes:
+        return []
+    return [(0, tuple(np.broadcast_shapes(shapes[a], shapes[b])), dtypes.get(a, TensorProto.UINT8))]
+
+
 def _bias_split_gelu(node, shapes, dtypes):
     """BiasSplitGelu: the last axis is split in halves, the first gated by GELU of the second."""
     x = node.input[0]
@@ -72,6 +98,13 @@ RULES = {
     "FusedMatMul": _fused_matmul,
     "FusedGemm": _fused_gemm,
     "BiasSplitGelu": _bias_split_gelu,
+    # Quantized ops: shaped only so that `inspect` can list them; widening refuses them.
+    **{op: _like_input(0) for op in ("QLinearSoftmax", "QLinearSigmoid", "QLinearLeakyRelu")},
+    "QLinearAdd": _qlinear_binary,
+    "QLinearMul": _qlinear_binary,
+    "MatMulNBits": _matmul_nbits,
+    "DynamicQuantizeMatMul": _matmul_of(0, 1),
+    "MatMulIntegerToFloat": _matmul_of(0, 1),
 }
 
 
