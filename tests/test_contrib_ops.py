@@ -72,3 +72,78 @@ def test_folded_scale_is_rebuilt_the_way_it_was_folded():
     assert rules.canonical_folded_scale(float(f32(c64 * c64)), 64, 128, -0.5) == float(f32(c128 * c128))
     assert rules.canonical_folded_scale(0.125, 64, 128, -0.5) == float(f32(128 ** -0.5))
     assert rules.canonical_folded_scale(0.25, 16, 32, -0.5) == float(f32(32 ** -0.5))
+
+
+def geglu_block(d=8, ffn=12, vocab=20, labels=3, seed=0):
+    """A UNet-style block as onnxruntime's diffusion fusions leave it (no offline tool makes one
+    from our samples): ids -> table -> MatMul -> BiasSplitGelu -> QuickGelu(alpha) -> MatMul ->
+    BiasAdd(., bias, skip) -> LayerNormalization -> head."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def w(name, *shape, s=0.4):
+        return numpy_helper.from_array((rng.standard_normal(shape) * s).astype(np.float32), name)
+
+    inits = [w("E", vocab, d, s=1.0), w("W1", d, 2 * ffn), w("b1", 2 * ffn, s=0.2), w("W2", ffn, d), w("b2", d, s=0.2),
+             numpy_helper.from_array((1 + 0.2 * rng.standard_normal(d)).astype(np.float32), "gamma"), w("beta", d, s=0.1),
+             w("Wh", d, labels)]
+    ms = "com.microsoft"
+    nodes = [
+        helper.make_node("Gather", ["E", "input_ids"], ["h"], name="embed"),
+        helper.make_node("MatMul", ["h", "W1"], ["up"], name="up"),
+        helper.make_node("BiasSplitGelu", ["up", "b1"], ["geglu"], name="geglu", domain=ms),
+        helper.make_node("QuickGelu", ["geglu"], ["act"], name="quick", domain=ms, alpha=1.702),
+        helper.make_node("MatMul", ["act", "W2"], ["down"], name="down"),
+        helper.make_node("BiasAdd", ["down", "b2", "h"], ["res"], name="bias_add", domain=ms),
+        helper.make_node("LayerNormalization", ["res", "gamma", "beta"], ["normed"], name="ln", axis=-1, epsilon=1e-5),
+        helper.make_node("MatMul", ["normed", "Wh"], ["logits"], name="head"),
+    ]
+    graph = helper.make_graph(nodes, "geglu", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [2, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 5, labels])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(ms, 1)])
+
+
+def decompose_cuda_only_ops(model):
+    """BiasAdd and BiasSplitGelu have CUDA kernels only: to run on CPU, each becomes what its
+    specification says (x + bias + skip; (x + bias) cut in halves, left * gelu(right))."""
+    from onnx import TensorProto, helper
+
+    out = copy.deepcopy(model)
+    nodes = []
+    for n in out.graph.node:
+        if n.op_type == "BiasAdd":
+            nodes += [helper.make_node("Add", [n.input[0], n.input[1]], [n.output[0] + "_b"]),
+                      helper.make_node("Add", [n.output[0] + "_b", n.input[2]], [n.output[0]])]
+        elif n.op_type == "BiasSplitGelu":
+            y = n.output[0]
+            nodes += [helper.make_node("Add", [n.input[0], n.input[1]], [y + "_b"]),
+                      helper.make_node("Split", [y + "_b"], [y + "_l", y + "_r"], axis=-1, num_outputs=2),
+                      helper.make_node("Div", [y + "_r", y + "_sqrt2"], [y + "_d"]),
+                      helper.make_node("Erf", [y + "_d"], [y + "_e"]),
+                      helper.make_node("Add", [y + "_e", y + "_one"], [y + "_e1"]),
+                      helper.make_node("Mul", [y + "_r", y + "_e1"], [y + "_g2"]),
+                      helper.make_node("Mul", [y + "_g2", y + "_half"], [y + "_g"]),
+                      helper.make_node("Mul", [y + "_l", y + "_g"], [y])]
+            for name, v in (("_sqrt2", np.sqrt(2.0)), ("_one", 1.0), ("_half", 0.5)):
+                out.graph.initializer.append(helper.make_tensor(y + name, TensorProto.FLOAT, [], [v]))
+        else:
+            nodes.append(n)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.opset_import[0].version = 18  # Split's num_outputs
+    return out
+
+
+@pytest.mark.parametrize("residual", ["repeat", "orthogonal"])
+def test_bias_add_bias_split_gelu_quick_gelu(residual):
+    small = geglu_block()
+    for k in (2, 3):
+        wide = widen(small, factor=k, residual=residual)
+        assert {n.op_type for n in wide.graph.node} == {n.op_type for n in small.graph.node}
+        shapes = {t.name: tuple(t.dims) for t in wide.graph.initializer}
+        assert shapes["W1"] == (8 * k, 24 * k) and shapes["b1"] == (24 * k,) and shapes["W2"] == (12 * k, 8 * k)
+        quick = next(n for n in wide.graph.node if n.op_type == "QuickGelu")
+        assert np.isclose(quick.attribute[0].f, 1.702)
+        result = validate(decompose_cuda_only_ops(small), decompose_cuda_only_ops(wide))
+        assert result.ok, [(o.name, o.max_abs) for o in result.outputs]
