@@ -5,6 +5,7 @@ levels 0 and 1 (99 where it fuses more): the widened optimized graph computes th
 graph's function, and optimize-then-widen equals widen-then-optimize, in values and in structure.
 Fused attention is refused until supported (ortopt.ATTENTION)."""
 import numpy as np
+import onnx
 import pytest
 
 from onnx_widen import WidenError, validate, widen
@@ -88,3 +89,19 @@ def test_fused_attention_is_refused_by_name():
         pytest.skip("the optimizer did not fuse attention")
     with pytest.raises(WidenError, match=r"Attention"):
         widen(opt, factor=2)
+
+
+@pytest.mark.parametrize("name,model_type,level", [("bert_ts17", "bert", 0), ("distilbert_dyn18", "bert", 0), ("gpt2_ts17", "gpt2", 0)])
+def test_float16_optimized_graphs(name, model_type, level):
+    """The optimizer's convert_float_to_float16(keep_io_types=True), run by onnxruntime on CPU:
+    parameters stay float16, the function holds to float16 rounding, and converting the widened
+    float32 graph gives the same structure."""
+    small = load_sample(name)
+    opt = ortopt.optimize(small, model_type, 64, level, fp16=True)
+    for k in (2, 3):
+        wide = widen(opt, factor=k)
+        floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+        assert {t.data_type for t in wide.graph.initializer if t.data_type in floats} == {onnx.TensorProto.FLOAT16}
+        result = validate(opt, wide, atol=1e-2, rtol=1e-2)
+        assert result.ok, [(o.name, o.max_abs, o.max_rel) for o in result.outputs]
+        assert differences(wide, ortopt.optimize(widen(small, factor=k), model_type, 64 * k, level, fp16=True)) == {}
