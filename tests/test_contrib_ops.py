@@ -147,3 +147,20 @@ def test_bias_add_bias_split_gelu_quick_gelu(residual):
         assert np.isclose(quick.attribute[0].f, 1.702)
         result = validate(decompose_cuda_only_ops(small), decompose_cuda_only_ops(wide))
         assert result.ok, [(o.name, o.max_abs) for o in result.outputs]
+
+
+def test_cli_reads_ops_onnxruntime_registers_in_the_onnx_domain(tmp_path):
+    """onnxruntime writes SimplifiedLayerNormalization (and LayerNormalization below opset 17) in
+    the ONNX domain, where the ONNX checker knows neither: the files still load, widen, validate."""
+    import onnx
+
+    from test_cli import cli
+
+    cases = {"t5": ortopt.session_optimized(load_sample("t5_ts17")), "bert14": ortopt.optimize(load_sample("bert_ts14"), "bert", 64)}
+    for name, model in cases.items():
+        assert any(n.op_type.endswith("LayerNormalization") and n.domain == "" for n in model.graph.node)
+        src, out = tmp_path / f"{name}.onnx", tmp_path / f"{name}_x2.onnx"
+        onnx.save(model, str(src))
+        code, _, err = cli("widen", str(src), "-o", str(out), "--factor", "2")
+        assert code == 0, err
+        assert out.exists()

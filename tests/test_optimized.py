@@ -23,6 +23,8 @@ SWEEP = [(f"{fam}_{exporter}", "gpt2" if fam == "gpt2" else "bert", level)
 # Level 99 folds the dynamo exports' position ids, and the embedding layer fuses.
 SWEEP += [("roberta_dyn18", "bert", 99), ("xlmr_dyn18", "bert", 99)]
 EMBED_FUSED = {("distilbert_dyn18", 0), ("roberta_dyn18", 99), ("xlmr_dyn18", 99)}
+if ortopt.ATTENTION:  # with fused attention the eager BERT's embedding layer fuses too (with the mask)
+    EMBED_FUSED |= {("bert_eager_ts17", 0), ("bert_eager_ts17", 1)}
 
 
 def contrib_ops(model):
