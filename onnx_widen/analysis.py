@@ -24,7 +24,7 @@ class ParamUse:
     axes: tuple  # Sym | None per axis of the constant
     read_axes: frozenset  # axes summed against a widened input (divided by the copies)
     log_factor: dict  # tensor -> coef; factor = exp(sum coef * s_tensor + const)
-    const: float = 0.0
+    const: object = 0.0  # float, or a Term the plan evaluates (a rewritten attribute's ratio)
     role: str = ""
 
 
@@ -123,6 +123,13 @@ class Analysis:
             raise WidenError(f"tensor {out!r}: rank mismatch in width analysis ({len(axes)} vs {len(self.shape(out))})")
         self.axes[out] = axes
 
+    def internal(self, node, what: str, like: str) -> str:
+        """Name a tensor a fused op computes inside without a graph name (EmbedLayerNormalization's
+        embedding sum), shaped like `like`, so that its scale can be solved for like any other."""
+        name = f"{self.name(node)}/{what}"
+        self.info.shapes[name] = self.shape(like)
+        return name
+
     def claim(self, node, pattern: str):
         self.claims[self.name(node)] = pattern
 
@@ -137,8 +144,26 @@ class Analysis:
             return a if b is None else b
         return D.unify(a, b, f"node {self.name(node)!r} ({node.op_type})")
 
+    def refusal(self) -> str:
+        return refusal_line(self.uncovered, self.name)
+
     def fail(self, node, why: str):
         raise WidenError(f"node {self.name(node)!r} ({node.op_type}): {why}")
+
+
+def refusal_line(uncovered: list, name_of) -> str:
+    """One line for what no pattern covers, from (node, why) pairs. Nodes refused for one shared
+    reason (a quantized graph's) are named together, a few and how many: the reason most nodes
+    share goes first, as the likely cause of the others."""
+    whys = [why for _, why in uncovered]
+    why = max(whys, key=whys.count)  # the first of the commonest
+    nodes = [n for n, w in uncovered if w == why]
+    others = len(uncovered) - len(nodes)
+    tail = f" (and {others} more)" if others else ""
+    if len(nodes) == 1:
+        return f"node {name_of(nodes[0])!r} ({nodes[0].op_type}): {why}{tail}"
+    names = ", ".join(f"{name_of(n)!r} ({n.op_type})" for n in nodes[:3])
+    return f"{len(nodes)} nodes ({names}{', ...' if len(nodes) > 3 else ''}): {why}{tail}"
 
 
 def run(graph: Graph, info: ShapeInfo, registry) -> Analysis:

@@ -14,20 +14,32 @@ def analyse(model, dims=None):
     from .patterns import RECOGNIZERS, REGISTRY
 
     graph = Graph(model)
-    info = shapes.infer(graph, shapes.concrete_input_shapes(graph, dims))
+    try:
+        info = shapes.infer(graph, shapes.concrete_input_shapes(graph, dims))
+    except WidenError:
+        _refuse_quantized(graph)
+        raise
     an = analysis.run(graph, info, REGISTRY)
     for r in RECOGNIZERS:
         an.matches.extend(r(an))
     return an
 
 
+def _refuse_quantized(graph):
+    """A quantized graph whose contrib ops have no shape rule is refused as quantized, not for a shape."""
+    from .patterns.quantized import PATTERNS, WHY
+
+    refused = {(p.domain, op) for p in PATTERNS for op in p.ops}
+    nodes = [(n, WHY) for n in graph.nodes if ("" if n.domain == "ai.onnx" else n.domain, n.op_type) in refused]
+    if nodes:
+        raise WidenError(analysis.refusal_line(nodes, graph.node_name))
+
+
 def build_plan(model, options: plan_mod.Options):
     options.check()
     an = analyse(model)
     if an.uncovered:
-        node, why = an.uncovered[0]
-        more = f" (and {len(an.uncovered) - 1} more)" if len(an.uncovered) > 1 else ""
-        raise WidenError(f"node {an.name(node)!r} ({node.op_type}): {why}{more}")
+        raise WidenError(an.refusal())
     return plan_mod.build(an, options)
 
 

@@ -231,6 +231,25 @@ def sort_nodes(model: onnx.ModelProto, path: str = ""):
     g.node.extend(sorted_nodes)
 
 
+# Ops onnxruntime registers in the ONNX domain itself and its optimizers write there
+# (SimplifiedLayerNormalization; LayerNormalization below opset 17); the checker knows neither.
+ORT_ONNX_DOMAIN_OPS = ("SimplifiedLayerNormalization", "LayerNormalization")
+
+
+def _ort_onnx_domain_ops(shell: onnx.ModelProto):
+    """Check those as the contrib ops they are: moved to onnxruntime's domain in the shell only."""
+    opset = next((o.version for o in shell.opset_import if o.domain in ("", "ai.onnx")), 0)
+    moved = False
+    for n in shell.graph.node:
+        if n.domain in ("", "ai.onnx") and n.op_type in ORT_ONNX_DOMAIN_OPS:
+            try:
+                onnx.defs.get_schema(n.op_type, opset, "")
+            except onnx.defs.SchemaError:
+                n.domain, moved = "com.microsoft", True
+    if moved and not any(o.domain == "com.microsoft" for o in shell.opset_import):
+        shell.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+
+
 def check_structure(model: onnx.ModelProto, path: str = ""):
     """Run the ONNX checker on the model's structure (nodes, types, attributes, SSA form, opsets)
     without copying the weights: initializers become declared inputs of a shell model."""
@@ -248,6 +267,7 @@ def check_structure(model: onnx.ModelProto, path: str = ""):
     sg = shell.graph
     sg.name = g.name or "graph"
     sg.node.extend(g.node)
+    _ort_onnx_domain_ops(shell)
     sg.input.extend(g.input)
     sg.output.extend(g.output)
     sg.value_info.extend(g.value_info)

@@ -149,6 +149,14 @@ class Plan:
             return 0.0
         return math.log(w / s)
 
+    def log_attr_ratio(self, use) -> float:
+        """log(wide / small) of a float attribute the plan rewrites (FusedMatMul's folded alpha)."""
+        node, name = use
+        for n, a, value in self.attr_edits:
+            if n is node and a == name:
+                return math.log(value / attr(node, name, 1.0))
+        return 0.0
+
     def log_output(self, name) -> float:
         return rules.output_log_scale(self.opts.factor) if self.widened(name) else 0.0
 
@@ -248,8 +256,14 @@ def _reaches_only_outputs(an, tensor, seen=None):
 
 def _canonical_scale_constants(plan: Plan):
     for sc in plan.an.scale_consts:
-        node, idx = sc["node"], sc["index"]
+        node, idx = sc["node"], sc.get("index")
         wide_dh = plan.layout(sc["sym"]).wide
+        if "attr" in sc:  # folded into an attribute: FusedMatMul's alpha
+            old = attr(node, sc["attr"], 1.0)
+            new = rules.canonical_folded_scale(old, sc["sym"].find().size, wide_dh, sc["exponent"])
+            if new != float(np.float32(old)):
+                plan.attr_edits.append((node, sc["attr"], new))
+            continue
         old = np.asarray(plan.an.graph.const(node.input[idx]))
         new = np.full(old.shape, rules.canonical_scale_constant(wide_dh, sc["exponent"]), dtype=old.dtype)
         if not np.array_equal(new, old):
@@ -363,7 +377,9 @@ def _retarget(plan: Plan, node, idx, elem, value):
     return None
 
 
-def _factor(plan: Plan, coefs: dict, const: float = 0.0) -> float:
+def _factor(plan: Plan, coefs: dict, const: float | Term = 0.0) -> float:
+    if isinstance(const, Term):
+        const = const.eval(plan)
     log = sum(c * plan.scales.get(t, 0.0) for t, c in coefs.items()) + const
     return 1.0 if abs(log) < 1e-9 else math.exp(log)  # solver round-off is not a rescale
 

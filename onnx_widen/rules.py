@@ -121,6 +121,24 @@ def canonical_scale_constant(head_size_wide: int, exponent: float) -> float:
     return float(head_size_wide) ** exponent
 
 
+# How onnxruntime's MatMulScaleFusion may have built an alpha equal to n**p from the exporter's
+# float32 constants: the power itself, q * c and k * c with c = n**(p/2) each, or 1 / n**-p (a Div).
+FOLDINGS = (
+    lambda n, p: np.float32(float(n) ** p),
+    lambda n, p: np.float32(float(n) ** (p / 2)) * np.float32(float(n) ** (p / 2)),
+    lambda n, p: np.float32(1.0) / np.float32(float(n) ** -p),
+)
+
+
+def canonical_folded_scale(small: float, head_size_small: int, head_size_wide: int, exponent: float) -> float:
+    """A softmax scale folded into FusedMatMul's alpha, as float32: the ways of folding that
+    reproduce the small alpha bit for bit, if they agree on the wide head, give the wide alpha
+    (what the optimizer makes of the wide export); otherwise the float32 power (one rounding off
+    at most: a small head size whose foldings coincide cannot tell them apart)."""
+    wide = {float(f(head_size_wide, exponent)) for f in FOLDINGS if f(head_size_small, exponent) == np.float32(small)}
+    return wide.pop() if len(wide) == 1 else float(FOLDINGS[0](head_size_wide, exponent))
+
+
 def epsilon(eps: float, input_log_scale: float) -> float:
     """A norm whose input arrives at scale a keeps its function with eps * a**2 (eps/k, orthogonal)."""
     return eps * math.exp(2.0 * input_log_scale)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference, TensorProto
 
+from . import contrib_shapes
 from .errors import WidenError
 from .graph import Graph, SMALL_CONST, attr
 
@@ -87,8 +88,7 @@ def infer(graph: Graph, input_shapes: dict[str, tuple]) -> ShapeInfo:
     extra: dict[str, tuple] = {}  # outputs of ops onnx cannot infer (contrib ops), by their own rule
     for _ in range(12):
         shapes, dtypes = _onnx_infer(graph, input_shapes, values, extra)
-        grew = _same_shape_outputs(graph, shapes, dtypes, extra)
-        grew = _contrib_outputs(graph, shapes, dtypes, extra, values) or grew
+        grew = contrib_shapes.infer_outputs(graph, shapes, dtypes, extra, values)
         new_values = evaluate(graph, shapes, {})
         if set(new_values) <= set(values) and not grew:
             break
@@ -98,42 +98,6 @@ def infer(graph: Graph, input_shapes: dict[str, tuple]) -> ShapeInfo:
         n = graph.producer[missing[0]]
         raise WidenError(f"node {graph.node_name(n)!r} ({n.op_type}): shape of {missing[0]!r} could not be inferred")
     return ShapeInfo(shapes, dtypes, values, dict(input_shapes))
-
-
-# Ops whose first output has the shape and type of their first input (contrib norms and activations).
-SAME_SHAPE_OPS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "FastGelu",
-                  "BiasGelu", "Gelu", "QuickGelu", "BiasAdd", "RotaryEmbedding", "LayerNormalization", "RMSNormalization"}
-
-
-def _same_shape_outputs(graph, shapes, dtypes, extra):
-    grew = False
-    for n in graph.nodes:
-        if n.op_type not in SAME_SHAPE_OPS or n.input[0] not in shapes:
-            continue
-        # Skip*Normalization's 4th output is the residual sum, shaped like the input too.
-        for i in (0, 3) if n.op_type.startswith("Skip") else (0,):
-            o = n.output[i] if len(n.output) > i else ""
-            if o and o not in shapes and o not in extra:
-                extra[o] = (shapes[n.input[0]], dtypes.get(n.input[0], TensorProto.FLOAT))
-                grew = True
-    return grew
-
-
-def _contrib_outputs(graph, shapes, dtypes, extra, values):
-    """Fused attention ops: their outputs' shapes by the op's own rule (contrib_shapes)."""
-    from .contrib_shapes import RULES
-
-    grew = False
-    for n in graph.nodes:
-        rule = RULES.get(n.op_type) if n.domain == "com.microsoft" else None
-        if rule is None:
-            continue
-        out_shapes = rule(n, lambda name: shapes.get(name) if name else None, values.get)
-        for o, shape in zip(n.output, out_shapes or []):
-            if o and shape is not None and o not in shapes and o not in extra:
-                extra[o] = (tuple(int(d) for d in shape), dtypes.get(n.input[0], TensorProto.FLOAT))
-                grew = True
-    return grew
 
 
 def _onnx_infer(graph: Graph, input_shapes, values, extra=None):

@@ -21,11 +21,27 @@ def _both_tracked(an, node):
     return an.tracked(node.input[0]) and an.tracked(node.input[1])
 
 
+def operand_axes(an, node, i):
+    """Axes of a product's operand as the product reads them: FusedMatMul may transpose the last two."""
+    axes = an.ax(node.input[i])
+    if node.op_type in ("FusedMatMul", "FusedGemm", "Gemm"):
+        if attr(node, ("transBatchA", "transBatchB")[i], 0):
+            an.fail(node, "batch transposes (transBatchA / transBatchB) are not supported")
+        if len(axes) >= 2 and attr(node, ("transA", "transB")[i], 0):
+            axes = axes[:-2] + (axes[-1], axes[-2])
+    return axes
+
+
+def alpha_ratio(node):
+    """FusedMatMul computes alpha * A @ B; the plan may give alpha its canonical wide value."""
+    return [Term("attr_ratio", (node, "alpha"))] if node.op_type == "FusedMatMul" else []
+
+
 def product(an, node):
     a, b, out = node.input[0], node.input[1], node.output[0]
-    ra, rb = an.ax(a), an.ax(b)
-    if len(ra) < 2 or len(rb) < 2:
+    if len(an.ax(a)) < 2 or len(an.ax(b)) < 2:
         an.fail(node, "matrix product of rank < 2 tracked tensors")
+    ra, rb = operand_axes(an, node, 0), operand_axes(an, node, 1)
     contracted = an.unify(ra[-1], rb[-2], node)
     batch = broadcast_axes_for(an, node, ra[:-2], rb[:-2])
     for s in batch:
@@ -40,7 +56,7 @@ def product(an, node):
             D.tag_all(contracted, "spread")
     elif rb[-1] is not None:
         D.tag_all(rb[-1], "head_dim")  # probs @ v: v's head size
-    terms = [Term("copies", contracted)] if contracted is not None else []
+    terms = ([Term("copies", contracted)] if contracted is not None else []) + alpha_ratio(node)
     an.scale.relation({out: 1.0, a: -1.0, b: -1.0}, an.name(node), *terms)
     if contracted is not None:
         _find_scale_constants(an, node, contracted)
@@ -66,6 +82,10 @@ def _find_scale_constants(an, node, head_sym):
     for n, idx, p in found:
         an.scale_consts.append({"node": n, "index": idx, "exponent": p, "sym": head_sym, "role": "softmax scale"})
         forms.append(f"{n.op_type}(head_size**{p:+g})")
+    p = folded_alpha(node, dh, (-0.5, -0.25))
+    if p is not None:
+        an.scale_consts.append({"node": node, "attr": "alpha", "exponent": p, "sym": head_sym, "role": "softmax scale"})
+        forms.append(f"alpha=head_size**{p:+g}")
     heads = [s.find().size for s in an.ax(node.output[0])[:-2] if s is not None]
     an.matches.append(Match("attention", [an.name(node)], {
         "head_size": dh, "heads": heads[-1] if heads else None,
@@ -86,6 +106,17 @@ def _walk_back(an, name, dh, quarter):
             name = p.input[0]
         else:
             return out
+
+
+def folded_alpha(node, n, exponents):
+    """The exponent p with FusedMatMul's alpha == n**p, onnxruntime having folded a scale Mul/Div
+    into the product (MatMulScaleFusion), else None."""
+    import math
+
+    if node.op_type != "FusedMatMul":
+        return None
+    alpha = attr(node, "alpha", 1.0)
+    return next((p for p in exponents if math.isclose(alpha, n ** p, rel_tol=1e-4)), None)
 
 
 def _scalar_of(an, node, dh, exponents):
@@ -110,5 +141,6 @@ def softmax(an, node):
 
 PATTERNS = [
     OpPattern("attention product", ("MatMul",), product, when=_both_tracked),
+    OpPattern("attention product", ("FusedMatMul",), product, when=_both_tracked, domain="com.microsoft"),
     OpPattern("softmax", ("Softmax", "LogSoftmax"), softmax),
 ]

@@ -34,7 +34,7 @@ def _param_or_scalar(an, node, idx, name, axes, log_factor, role):
 
 
 def join(an, node):
-    """Add, Sub, Where, Max, Min: every operand at the output's scale."""
+    """Add, Sub, Where, Max, Min, onnxruntime's BiasAdd (x + bias + skip): every operand at the output's scale."""
     out = node.output[0]
     inputs = node.input[1:] if node.op_type == "Where" else node.input
     axes = broadcast_axes(an, node, inputs)
@@ -46,7 +46,7 @@ def join(an, node):
         if an.tracked(name):
             an.scale.equal(out, name, where)
         elif is_constlike(an, name):
-            _param_or_scalar(an, node, i, name, axes, {out: 1.0}, "bias" if node.op_type in ("Add", "Sub") else "constant operand")
+            _param_or_scalar(an, node, i, name, axes, {out: 1.0}, "bias" if node.op_type in ("Add", "Sub", "BiasAdd") else "constant operand")
         else:
             an.scale.fix(out, where)  # an untracked activation (a mask) has scale 1
 
@@ -140,6 +140,7 @@ def predicate(an, node):
 
 PATTERNS = [
     OpPattern("elementwise", ("Add", "Sub", "Where", "Max", "Min"), join),
+    OpPattern("elementwise", ("BiasAdd",), join, domain="com.microsoft"),
     OpPattern("elementwise", ("Mul",), mul),
     OpPattern("elementwise", ("Div",), div),
     OpPattern("elementwise", ("Pow",), power),

@@ -16,31 +16,44 @@ from onnx_widen.recognize import chain_from
 NORM_INPUT_WEIGHT = 1e3
 
 
+def norm_params(an, node, xa, roles, out, first=1, x=None):
+    """Constant per-unit parameters at node.input[first:] (gamma, beta, a bias): gamma and beta
+    absorb the output's scale, a bias added before the norm takes the input's (`x`)."""
+    for idx, role in enumerate(roles, start=first):
+        if len(node.input) <= idx or not node.input[idx]:
+            continue
+        name = node.input[idx]
+        axes = width_param_axes(an, name, xa)
+        if axes is None:
+            continue
+        src = const_source(an, name)
+        if src is None or src[1] is not None:
+            an.fail(node, f"{role} must be a constant")
+        an.param(src[0], node, axes, {x: 1.0} if role == "bias" else {out: 1.0}, role=role)
+
+
+def norm_scales(an, node, x, out, normalised):
+    """What every norm says about scales: its statistics need evenly copied units, epsilon follows
+    the square of the input's scale, and the input is held at the residual scale (canonical eps)."""
+    for a in normalised:
+        if a is not None:
+            # Statistics over a widened axis are unchanged only if every unit has the same copies.
+            an.uniform_required.append((a, node))
+    an.attrs.append(AttrUse(node, "epsilon", {x: 2.0}))
+    an.scale.prefer(out, an.name(node))
+    an.scale.prefer(x, an.name(node), weight=NORM_INPUT_WEIGHT, tier=1)
+
+
 def norm_op(an, node, params=("gamma", "beta"), kind="layernorm"):
     x, out = node.input[0], node.output[0]
     rank = len(an.shape(x))
     axis = attr(node, "axis", -1) % rank
     xa = an.ax(x)
-    for a in xa[axis:]:
-        if a is not None:
-            # Statistics over a widened axis are unchanged only if every unit has the same copies.
-            an.uniform_required.append((a, node))
     an.set(out, xa)
-    for idx, role in enumerate(params, start=1):
-        if len(node.input) > idx and node.input[idx]:
-            name = node.input[idx]
-            axes = width_param_axes(an, name, xa)
-            src = const_source(an, name)
-            if axes is None:
-                continue
-            if src is None or src[1] is not None:
-                an.fail(node, f"{role} must be a constant")
-            an.param(src[0], node, axes, {out: 1.0}, role=role)
+    norm_params(an, node, xa, params, out)
     if any(o for o in node.output[1:]):
         an.fail(node, "mean / inverse-std outputs are not supported")
-    an.attrs.append(AttrUse(node, "epsilon", {x: 2.0}))
-    an.scale.prefer(out, an.name(node))
-    an.scale.prefer(x, an.name(node), weight=NORM_INPUT_WEIGHT, tier=1)
+    norm_scales(an, node, x, out, xa[axis:])
     an.matches.append(Match(kind, [an.name(node)], {"epsilon": attr(node, "epsilon", 1e-5), "dim": an.shape(x)[-1]}))
 
 
@@ -58,23 +71,14 @@ def skip_norm(an, node):
         if an.tracked(name):
             an.scale.equal(x, name, where)
     roles = ("gamma", "beta", "bias") if node.op_type == "SkipLayerNormalization" else ("gamma", "bias")
-    for idx, role in enumerate(roles, start=2):
-        if len(node.input) > idx and node.input[idx]:
-            axes = width_param_axes(an, node.input[idx], xa)
-            src = const_source(an, node.input[idx])
-            if axes is None or src is None or src[1] is not None:
-                an.fail(node, f"{role} must be a constant along the normalised axis")
-            an.param(src[0], node, axes, {out: 1.0} if role != "bias" else {x: 1.0}, role=role)
+    norm_params(an, node, xa, roles, out, first=2, x=x)
     if any(len(node.output) > i and node.output[i] and an.graph.consumers.get(node.output[i]) for i in (1, 2)):
         an.fail(node, "mean / inverse-std outputs are not supported")
     an.set(out, xa)
     if len(node.output) > 3 and node.output[3]:
         an.set(node.output[3], xa)
         an.scale.equal(node.output[3], x, where)
-    an.attrs.append(AttrUse(node, "epsilon", {x: 2.0}))
-    an.uniform_required.extend((a, node) for a in xa[-1:] if a is not None)
-    an.scale.prefer(out, where)
-    an.scale.prefer(x, where, weight=NORM_INPUT_WEIGHT, tier=1)
+    norm_scales(an, node, x, out, xa[-1:])
     an.matches.append(Match("layernorm (skip, fused)" if roles[1] == "beta" else "rmsnorm (skip, fused)", [where],
                             {"epsilon": attr(node, "epsilon", 1e-5), "dim": an.shape(x)[-1]}))
 

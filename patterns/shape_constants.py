@@ -92,7 +92,12 @@ def regroup(an, node, x, out):
             continue
         big_in = [i for i in gi if xs[i] != 1]
         big_out = [j for j in gj if os_[j] != 1]
-        if len(big_in) == 1 and len(big_out) == 1:
+        if big_in and all(xa[i] is None for i in big_in):
+            # Width only on size-1 axes (a one-unit head's output merged with batch axes): it
+            # may stay only if that unit is never copied.
+            for s in syms:
+                an.identity_required.append((s, node, x))
+        elif len(big_in) == 1 and len(big_out) == 1:
             out_axes[big_out[0]] = xa[big_in[0]]
         elif len(big_in) == 1:
             for j, s in zip(big_out, D.split(xa[big_in[0]], [os_[j] for j in big_out], where)):

@@ -33,32 +33,6 @@ def run(model, feeds):
     return {o.name: v for o, v in zip(s.get_outputs(), s.run(None, feeds))}
 
 
-def ort_optimize(model_or_path, model_type, hidden, heads=4, level=0, attention=False, **options):
-    """onnxruntime's transformer optimizer, as a deployment pipeline runs it; returns the saved
-    file's model (saving adds the com.microsoft opset import, as a user's file has it)."""
-    import os
-    import tempfile
-
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    opts = FusionOptions(model_type)
-    opts.enable_attention = attention
-    opts.enable_embed_layer_norm = False
-    for k, v in options.items():
-        setattr(opts, k, v)
-    with tempfile.TemporaryDirectory() as d:
-        src = model_or_path
-        if isinstance(model_or_path, onnx.ModelProto):
-            src = os.path.join(d, "in.onnx")
-            onnx.save(model_or_path, src)
-        m = optimize_model(str(src), model_type=model_type, num_heads=heads, hidden_size=hidden, optimization_options=opts,
-                           opt_level=level)
-        out = os.path.join(d, "out.onnx")
-        m.save_model_to_file(out)
-        return onnx.load(out)
-
-
 def unwiden_by_repeat(arr, axes, scale):
     """Independent of the package: average each run of `copies` consecutive entries, then unscale."""
     out = arr.astype(np.float64)

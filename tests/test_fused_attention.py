@@ -9,7 +9,8 @@ from onnx_widen import WidenError, validate, widen
 from onnx_widen.validation import make_inputs
 
 import fusedgraph
-from conftest import SAMPLES, ort_optimize, run
+import ortopt
+from conftest import SAMPLES, run
 
 BERT_EAGER = SAMPLES / "bert/bert_eager_ts17.onnx"
 FUSED = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "RotaryEmbedding")
@@ -29,7 +30,7 @@ def _fused(model, op):
 
 def _optimized(variant, level=0, model=BERT_EAGER, hidden=64, heads=4):
     pytest.importorskip("onnxruntime.transformers.optimizer")  # the hand-built graphs below need only onnxruntime
-    return ort_optimize(model, "bert", hidden, heads=heads, level=level, attention=True, **VARIANTS[variant])
+    return ortopt.optimize(model, "bert", hidden, level=level, attention=True, embed=False, heads=heads, **VARIANTS[variant])
 
 
 def _structure(model):
