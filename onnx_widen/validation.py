@@ -131,12 +131,18 @@ def validate(small, wide, factor: int | None = None, shapes: dict | None = None,
                 raise WidenError(f"wide model has no input {n!r}")
             entry = (mapping or {}).get(n)
             wide_feeds[n] = widen_array(v, entry) if entry else v
+        if wide_inputs - set(feeds):  # inputs of inserted blocks (--depth: their KV cache) get any value
+            extra = make_inputs(wide, fixed, seed + k, dims)
+            wide_feeds.update({n: extra[n] for n in wide_inputs - set(feeds)})
         try:
             ref = s_small.run(None, feeds)
-            got = s_wide.run(None, wide_feeds)
+            got = dict(zip([o.name for o in s_wide.get_outputs()], s_wide.run(None, wide_feeds)))
         except Exception as e:
             raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
-        for o, a, b in zip(s_small.get_outputs(), ref, got):
+        for o, a in zip(s_small.get_outputs(), ref):
+            if o.name not in got:
+                raise WidenError(f"wide model has no output {o.name!r}")
+            b = got[o.name]
             entry = mapping.get(o.name) if mapping is not None else (post_convention(a.shape, b.shape, factor) if factor else None)
             if entry is None and a.shape != b.shape:
                 raise WidenError(f"output {o.name!r}: shape {b.shape} of the wide model cannot be mapped to {a.shape}"
