@@ -87,7 +87,7 @@ def widened_anything(plan) -> bool:
 def check_widens(plan):
     """A graph where no weight grows (no embedding creates a hidden dimension: a CNN, an MLP on
     float features) is refused rather than written back unchanged as if it had been widened."""
-    if widened_anything(plan):
+    if widened_anything(plan) or plan.depth:
         return
     ops = sorted({n.op_type for n in plan.an.graph.nodes})
     has_embedding = any(m.kind == "embedding" for m in plan.an.matches)
@@ -105,10 +105,12 @@ def nonfinite_note(counts: dict) -> str:
 
 def widen_file(source: str, out: str, factor: int, residual: str = "repeat", validate: bool = True, provider: str = "cpu",
                rope: str = "spread", report: str | None = None, heads: str = "keep", kv_heads: str = "tile",
-               ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0) -> dict:
+               ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0, depth: int = 0, depth_at=None,
+               allow_approximate: bool = False) -> dict:
     check_paths(source, out, report)
     opts = plan_mod.Options(factor=factor, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads, ffn_factor=ffn_factor,
-                            noise=noise, seed=seed)
+                            noise=noise, seed=seed, depth=depth, depth_at=tuple(depth_at) if depth_at else None,
+                            allow_approximate=allow_approximate)
     opts.check()
     t0 = time.perf_counter()
     small, files = read_model(source)
@@ -133,13 +135,18 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
         "matched": match_summary(plan.an), "params_before": count_params(small), "params_after": count_params(wide),
         "notes": notes, "mapping": plan.io, "validation": None,
         "nonfinite": {"count": sum(nonfinite.values()), "tensors": nonfinite},
-        "estimated_output_bytes": size,
+        "estimated_output_bytes": size, "depth": plan.depth,
     }
     times = {"load": t1 - t0, "plan": t2 - t1, "rewrite": t3 - t2}
     if validate:
         from .validation import validate as run_validate
 
-        res = run_validate(small, wide, provider=provider)
+        # An approximate deepening is measured against the small model; the widening is still checked exactly.
+        reference = small
+        if plan.depth and plan.depth["approximate"]:
+            reference = plan.an.graph.model
+            plan.depth["error"] = run_validate(small, reference, provider=provider).to_json()["outputs"]
+        res = run_validate(reference, wide, provider=provider)
         summary["validation"] = res.to_json()
         times["validate"] = time.perf_counter() - t3
         if not res.ok:
