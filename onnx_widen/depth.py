@@ -53,8 +53,11 @@ def deepen(model: onnx.ModelProto, depth: int, at=None, noise: float = 0.0, seed
     rng = np.random.default_rng(seed)
     for s, where in enumerate(plan):
         for j, p in enumerate(where):
-            block = find_stacks(Graph(model))[s].blocks[p - 1 + j]  # earlier new blocks shift the later ones
-            ins, outs = _insert_copy(model, block, sizes[s] + j, rng if info["approximate"] else None, noise)
+            g = Graph(model)
+            blocks = find_stacks(g)[s].blocks
+            after = blocks[p - 1 + j]  # earlier new blocks shift the later ones
+            ins, outs = _insert_copy(model, g, _source(g, blocks, p - 1 + j), after, sizes[s] + j,
+                                     rng if info["approximate"] else None, noise)
             info["new_inputs"] += ins
             info["new_outputs"] += outs
     return model, info
@@ -91,8 +94,18 @@ class _Names:
         return new
 
 
+def _source(g: Graph, blocks: list, k: int):
+    """The block to copy for a new block after blocks[k]: blocks[k], unless it also computes what
+    other blocks share (T5's first block: the relative position bias) and a plain block follows;
+    a copy of that one is what the exporter writes for a deeper config."""
+    if k + 1 < len(blocks) and _block_parts(g, blocks[k])[3]:
+        return blocks[k + 1]
+    return blocks[k]
+
+
 def _block_parts(g: Graph, block):
-    """(nodes to copy, nodes only the block reads, graph outputs of the block) as id sets / names."""
+    """(nodes to copy, nodes only the block reads, graph outputs of the block, whether it computes
+    tensors that other blocks read), as id sets / names."""
     below_in, below_out = downstream(g, [block.x_in]), downstream(g, [block.x_out])
     own = below_in - below_out
     outs = [o.name for o in g.outputs if o.name != block.x_out and id(g.producer.get(o.name)) in own]
@@ -118,20 +131,20 @@ def _block_parts(g: Graph, block):
             if readers and all(id(c) in copy or id(c) in only for c in readers):
                 only.add(id(n))
                 grew = True
-    return copy, only, outs
+    return copy, only, outs, bool(kept)
 
 
-def _insert_copy(model, block, index: int, rng, noise: float):
-    g = Graph(model)
-    copy, only, outs = _block_parts(g, block)
+def _insert_copy(model, g: Graph, block, after, index: int, rng, noise: float):
+    """Insert a copy of `block` after the block `after` (the same one or the next)."""
+    copy, only, outs, _ = _block_parts(g, block)
     names = _Names(model, f"__depth{index}")
     members = [n for n in g.nodes if id(n) in copy or id(n) in only]
     member_ids = copy | only
     zero = {w for w in block.projections}
     skip = {id(g.producer[w]) for w in zero if w in g.producer}  # a projection held in a Constant node: replaced
     members = [n for n in members if id(n) not in skip]
-    x_mid = names.fresh(block.x_out)
-    rename = {block.x_in: x_mid, block.x_out: block.x_out}
+    x_mid = names.fresh(after.x_out)
+    rename = {block.x_in: x_mid, block.x_out: after.x_out}
     graph = model.graph
     for n in members:
         for o in n.output:
@@ -164,11 +177,11 @@ def _insert_copy(model, block, index: int, rng, noise: float):
         c.input[:] = [rename.get(i, i) for i in n.input]
         c.output[:] = [rename.get(o, o) for o in n.output]
         clones.append(c)
-    last = block.adds[-1]
+    last = after.adds[-1]
     last.output[0] = x_mid  # the original block now writes x_mid; its copy writes the old name
     new_outputs = [_renamed_value(o, rename[o.name]) for o in g.outputs if o.name in outs]
     infos = [_renamed_value(v, rename[v.name]) for v in graph.value_info if v.name in rename and rename[v.name] != v.name]
-    infos += [_renamed_value(v, x_mid) for v in graph.value_info if v.name == block.x_out]
+    infos += [_renamed_value(v, x_mid) for v in graph.value_info if v.name == after.x_out]
     nodes = [_clone(n) for n in graph.node]
     at = max(k for k, n in enumerate(graph.node) if id(n) in member_ids or n is last) + 1
     graph.ClearField("node")
