@@ -243,7 +243,10 @@ def find_stacks(g: Graph) -> list:
             raise WidenError(f"--depth: post-norm blocks (residual Add {g.node_name(add)!r} reaches the next block through "
                              f"{norm.op_type} {g.node_name(norm)!r}): a norm after the residual add makes an inserted block "
                              "change the stream; only pre-norm models can be deepened exactly")
+        fused = next((n for n in g.nodes if n.op_type.startswith("Skip")), None)
+        why = (f"; the residual adds are fused into {fused.op_type} {g.node_name(fused)!r}: deepen the export before "
+               "optimizing it") if fused is not None else ""
         raise WidenError("--depth: no residual stream of Transformer blocks found (pre-norm blocks whose residual Adds "
-                         "chain from one block to the next, starting with a self-attention)")
+                         f"chain from one block to the next, starting with a self-attention){why}")
     stacks.sort(key=lambda s: index.order[id(s.blocks[0].adds[0])])
     return stacks
