@@ -76,6 +76,7 @@ def _renumber(name: str, index: int, taken: set) -> str:
     if new is None or new in taken:
         raise WidenError(f"--depth: cannot name the new block's copy of graph input/output {name!r} "
                          "(expected one layer number in the name, e.g. past_key_values.0.key)")
+    taken.add(new)
     return new
 
 

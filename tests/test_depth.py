@@ -1,6 +1,7 @@
 """--depth: new pre-norm blocks that add exactly 0 to the residual stream (copies of their
 neighbour with zero output projections), alone and with widening; the exporter's own structure for
 the deeper config; refusals (post-norm); --noise / --allow-approximate; the command line and folders."""
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -199,7 +200,7 @@ def test_folder_config_counts_the_new_blocks(tmp_path):
 # (the committed samples may come from another version), deepen the L-layer export by D, and
 # compare with the L + D export: op multiset, initializer shapes, constants, attributes, inputs and
 # outputs must be the same.
-CANONICAL = [("gpt2_ts17", 1), ("llama_dyn18", 2), ("gptj_ts17", 1), ("neox_ts17", 1), ("t5_ts17", 1)]
+CANONICAL = [("gpt2_ts17", 1), ("llama_dyn18", 2), ("gptj_ts17", 1), ("neox_ts17", 1), ("t5_ts17", 1), ("llama_past_ts17", 1)]
 
 
 def _export(tmp_path, name, layers, monkeypatch):
@@ -210,6 +211,15 @@ def _export(tmp_path, name, layers, monkeypatch):
         sys.path.remove(str(SAMPLES))
     monkeypatch.setattr(ms, "LAYERS", layers)
     arch, (_, attn, exporter, opset) = next((a, v) for a in ms.ARCHS for v in a.variants if v[0] == name)
+    if arch.kv_cache:  # one past / present pair per layer, as the exporter names them
+        past = [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        present = [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+        plain = [n for n in arch.inputs if not n.startswith("past_key_values.")]
+        arch = dataclasses.replace(arch, inputs=plain + past, outputs=["logits"] + present,
+                                   input_axes={**{n: arch.input_axes[n] for n in plain},
+                                               **{n: arch.input_axes["past_key_values.0.key"] for n in past}},
+                                   output_axes={"logits": arch.output_axes["logits"],
+                                                **{n: arch.output_axes["present.0.key"] for n in present}})
     cfg, _, wrapper = ms.build_model(arch, attn, 1)
     return ms.export(arch, cfg, wrapper, exporter, opset, str(tmp_path / f"{name}_{layers}.onnx"), [])
 
