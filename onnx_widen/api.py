@@ -36,15 +36,27 @@ def _refuse_quantized(graph):
 
 
 def build_plan(model, options: plan_mod.Options):
+    """The plan for `options`; with --depth, for the deeper model made first (plan.an.graph.model)."""
     options.check()
+    depth_info = None
+    if options.added_blocks:
+        from .depth import deepen
+
+        model, depth_info = deepen(model, options.depth, options.depth_at, options.noise, options.seed, options.allow_approximate)
     an = analyse(model)
     if an.uncovered:
         raise WidenError(an.refusal())
-    return plan_mod.build(an, options)
+    plan = plan_mod.build(an, options)
+    plan.depth = depth_info
+    if depth_info and options.noise and not depth_info["approximate"]:
+        plan.notes.append("the new blocks' output projections stay exactly zero (--noise breaks the widening's symmetry "
+                          "only); --allow-approximate puts noise there too, at the cost of an exact function")
+    return plan
 
 
 def widen(model_or_path, factor: int = 2, residual: str = "repeat", rope: str = "spread", heads: str = "keep",
-          kv_heads: str = "tile", ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0) -> onnx.ModelProto:
+          kv_heads: str = "tile", ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0, depth: int = 0,
+          depth_at=None, allow_approximate: bool = False) -> onnx.ModelProto:
     """Return the widened model (hidden, FFN and head size times `factor`) computing the same function.
 
     residual: "repeat" (canonical) or "orthogonal" (the post's R(x)/sqrt(k), eps/k).
@@ -52,10 +64,14 @@ def widen(model_or_path, factor: int = 2, residual: str = "repeat", rope: str = 
     heads: "keep" (head size times factor) or "grow" (head count times factor, head size kept);
     kv_heads (with heads="grow"): "tile" (kv heads times factor) or "keep" (query copies interleaved).
     ffn_factor: the FFN inner size's own factor (default: factor); factor=1 with ffn_factor>1 widens the FFN only.
-    noise, seed: exact symmetry-breaking noise (relative std) on weights that read copied units."""
+    noise, seed: exact symmetry-breaking noise (relative std) on weights that read copied units.
+    depth, depth_at: insert `depth` pre-norm blocks per stack (after blocks `depth_at`, 1-based; default evenly
+    spaced), each a copy of the block before it with zero output projections (factor=1 deepens only);
+    allow_approximate: with noise, those projections get noise too (the function then changes slightly)."""
     model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
     p = build_plan(model, plan_mod.Options(factor=factor, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads,
-                                                   ffn_factor=ffn_factor, noise=noise, seed=seed))
+                                           ffn_factor=ffn_factor, noise=noise, seed=seed, depth=depth,
+                                           depth_at=tuple(depth_at) if depth_at else None, allow_approximate=allow_approximate))
     return apply(p)
 
 

@@ -112,10 +112,9 @@ def rewrite(plan: Plan) -> tuple[onnx.ModelProto, list]:
                 a.CopyFrom(helper.make_attribute(attr_name, value))  # float, int or ints, as planned
     _rewrite_signature(plan, graph)
     graph.ClearField("value_info")
-    o = plan.opts
-    options = {"factor": o.factor, "residual": o.residual, "rope": o.rope, "heads": o.heads, "kv_heads": o.kv_heads,
-               "ffn_factor": o.ffn, "noise": o.noise, "seed": o.seed}
-    _set_meta(model, MAPPING_KEY, json.dumps({"version": 1, **options, "options": options, "tensors": plan.io}))
+    options = plan.opts.record()
+    depth = {"depth": plan.depth} if plan.depth else {}
+    _set_meta(model, MAPPING_KEY, json.dumps({"version": 1, **options, "options": options, "tensors": plan.io, **depth}))
     return model, pending
 
 

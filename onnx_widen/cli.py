@@ -34,6 +34,15 @@ def _parse_factor(text, name="--factor", minimum=2) -> int:
     return value
 
 
+def _parse_positions(text):
+    if text is None:
+        return None
+    try:
+        return tuple(int(p, 10) for p in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"--depth-at expects block numbers separated by commas (e.g. 1,3), got {text!r}") from None
+
+
 def _parse_shapes(items) -> dict:
     out = {}
     for item in items:
@@ -72,6 +81,10 @@ def main_group(ctx, debug):
               help="keep: head size times K; grow: K times the heads, each a copy (head size, softmax scale, RoPE kept).")
 @click.option("--kv-heads", "kv_heads", type=click.Choice(["tile", "keep"]), default="tile", show_default=True,
               help="With --heads grow under GQA: tile kv heads K times, or keep them and interleave query copies.")
+@click.option("--depth", "depth", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Insert D pre-norm blocks (per stack), each a copy of the block before it with zero output projections.")
+@click.option("--depth-at", "depth_at", default=None, metavar="P,Q", help="Insert the new blocks after these blocks (1-based; default: evenly spaced).")
+@click.option("--allow-approximate", is_flag=True, help="With --noise: noise on the new blocks' output projections too (function changes; error reported).")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime check (not recommended).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every rewritten constant, small and wide shape); write nothing.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -79,8 +92,8 @@ def main_group(ctx, debug):
 @click.option("--external-data", "external_data", default=None, metavar="NAME",
               help="Write the weights to the file NAME beside OUT (automatic, as OUT.data, over 2 GiB).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
-def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, heads, kv_heads, no_validate, dry_run, provider, report_path,
-          external_data, quiet):
+def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, heads, kv_heads, depth, depth_at, allow_approximate,
+          no_validate, dry_run, provider, report_path, external_data, quiet):
     """Widen IN by --factor and write OUT, after checking it computes the same function.
 
     IN may be a folder of exports of one model (encoder, decoder, decoder with past, config.json):
@@ -88,16 +101,18 @@ def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, he
     from .workflow import widen_file, write_report
 
     f = _parse_factor(ffn_factor, "--ffn-factor", 1) if ffn_factor is not None else None
-    k = _parse_factor(factor, minimum=1 if f and f > 1 else 2)
+    at = _parse_positions(depth_at)
+    k = _parse_factor(factor, minimum=1 if (f and f > 1) or depth or at else 2)
+    grow = dict(depth=depth, depth_at=at, allow_approximate=allow_approximate)
     if dry_run:
-        return _print_plan(source, k, f, residual_scale, rope, heads, kv_heads, noise, seed, report_path, quiet)
+        return _print_plan(source, k, f, residual_scale, rope, heads, kv_heads, noise, seed, report_path, quiet, grow)
     if os.path.isdir(source):
         if external_data is not None:
             raise UsageError("--external-data names one file; a folder's models each get their own (MODEL.onnx.data) when over 2 GiB")
         from .folder import widen_folder
 
         summary = widen_folder(source, out, k, residual=residual_scale, validate=not no_validate, provider=provider, rope=rope,
-                               heads=heads, kv_heads=kv_heads, ffn_factor=f, noise=noise, seed=seed)
+                               heads=heads, kv_heads=kv_heads, ffn_factor=f, noise=noise, seed=seed, **grow)
         if report_path:
             write_report(summary, report_path)
         console = _console(quiet)
@@ -107,7 +122,7 @@ def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, he
     with _progress(not quiet) as progress:
         summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider, rope=rope,
                              heads=heads, kv_heads=kv_heads, ffn_factor=f, noise=noise, seed=seed, report=report_path,
-                             external_data=external_data, progress=progress)
+                             external_data=external_data, progress=progress, **grow)
     if report_path:
         write_report(summary, report_path)
     _print_widen(summary, _console(quiet))
@@ -149,7 +164,7 @@ def _progress(enabled: bool):
         bar.stop()
 
 
-def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, report_path, quiet):
+def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, report_path, quiet, grow=None):
     from rich.table import Table
 
     from .api import build_plan
@@ -158,7 +173,7 @@ def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, repo
     from .report import plan_rows
 
     plan = build_plan(load_model(source), Options(factor=k, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads,
-                                                  ffn_factor=f, noise=noise, seed=seed))
+                                                  ffn_factor=f, noise=noise, seed=seed, **(grow or {})))
     rows = plan_rows(plan)
     if report_path:
         with open(report_path, "w") as fh:
@@ -171,6 +186,8 @@ def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, repo
                   str(r.get("factor", r.get("value"))), r["node"])
     console = _console(quiet)
     console.print(t)
+    if plan.depth:
+        console.print(_depth_line(plan.depth))
     for note in plan.notes:
         console.print(f"note: {note}")
     console.print("dry run: nothing written")
@@ -182,6 +199,8 @@ def _print_widen(s, console):
     console.print(f"[bold]{s['input']}[/] -> [bold]{s['output']}[/]  factor {s['factor']}  residual {s['residual']}")
     console.print("matched: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["matched"].items())))
     console.print(f"parameters: {s['params_before']:,} -> {s['params_after']:,}")
+    if s.get("depth"):
+        console.print(_depth_line(s["depth"]))
     for note in s["notes"]:
         console.print(f"note: {note}")
     if s["validation"] is not None:
@@ -192,6 +211,15 @@ def _print_widen(s, console):
             t.add_row(name, f"{o['max_abs']:.3g}", f"{o['max_rel']:.3g}", "yes" if o["ok"] else "[red]NO[/]")
         console.print(t)
     console.print("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in s["time_s"].items()))
+
+
+def _depth_line(d) -> str:
+    stacks = ", ".join(f"{a} -> {b} blocks (new after block {', '.join(map(str, p))})"
+                       for a, b, p in zip(d["blocks_before"], d["blocks_after"], d["after_block"]))
+    line = f"depth: {stacks}; output projections of the new blocks " + ("noisy (approximate)" if d["approximate"] else "zero (exact)")
+    if d.get("error"):
+        line += "; error of the deepened model: " + ", ".join(f"{n} max rel {o['max_rel']:.3g}" for n, o in d["error"].items())
+    return line
 
 
 @main_group.command()

@@ -14,10 +14,16 @@ from .errors import UsageError, WidenError
 # multiplies the first group, the FFN factor the second.
 WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "head_dim", "d_kv", "dim", "embedding_size")
 FFN_KEYS = ("intermediate_size", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "hidden_dim")
+# Block counts: --depth adds its blocks to every stack (T5: encoder and decoder).
+DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
 
 
-def widen_config(config: dict, factor: int, ffn_factor: int | None = None, heads: str = "keep", kv_heads: str = "tile") -> dict:
+def widen_config(config: dict, factor: int, ffn_factor: int | None = None, heads: str = "keep", kv_heads: str = "tile",
+                 depth: int = 0) -> dict:
     out = dict(config)
+    for key in DEPTH_KEYS:
+        if depth and isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
+            out[key] = out[key] + depth
     for key in WIDTH_KEYS:
         if isinstance(out.get(key), int) and not (heads == "grow" and key in ("head_dim", "d_kv")):
             out[key] = out[key] * factor
@@ -62,7 +68,9 @@ def widen_folder(source: str, out: str, factor: int, **kw) -> dict:
                 with open(src) as f:
                     cfg = json.load(f)
                 with open(os.path.join(tmp, name), "w") as f:
-                    json.dump(widen_config(cfg, factor, kw.get("ffn_factor"), kw.get("heads", "keep"), kw.get("kv_heads", "tile")), f, indent=2)
+                    added = kw.get("depth") or len(kw.get("depth_at") or ())
+                    json.dump(widen_config(cfg, factor, kw.get("ffn_factor"), kw.get("heads", "keep"), kw.get("kv_heads", "tile"),
+                                           added), f, indent=2)
             else:
                 shutil.copy2(src, os.path.join(tmp, name))
         if os.path.isdir(out):

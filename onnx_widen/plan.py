@@ -29,6 +29,22 @@ class Options:
     noise: float = 0.0  # relative std of the exact symmetry-breaking noise (0: pure copies)
     seed: int = 0
     kv_heads: str = "tile"  # or "keep" (with heads="grow")
+    depth: int = 0  # new blocks per stack, inserted before widening (see depth.py)
+    depth_at: tuple | None = None  # after which blocks (1..L); None: evenly spaced
+    allow_approximate: bool = False  # with noise: the new blocks' output projections get noise, not zeros
+
+    @property
+    def added_blocks(self) -> int:
+        return self.depth or len(self.depth_at or ())
+
+    def record(self) -> dict:
+        """The options as stored in the wide model's metadata (depth keys only when used)."""
+        out = {"factor": self.factor, "residual": self.residual, "rope": self.rope, "heads": self.heads,
+               "kv_heads": self.kv_heads, "ffn_factor": self.ffn, "noise": self.noise, "seed": self.seed}
+        if self.added_blocks:
+            out.update(depth=self.added_blocks, depth_at=list(self.depth_at) if self.depth_at else None,
+                       allow_approximate=self.allow_approximate)
+        return out
 
     @property
     def ffn(self) -> int:
@@ -42,7 +58,8 @@ class Options:
                 raise UsageError(f"{name} must be an integer >= 1, got {v!r}")
         if not (isinstance(self.noise, (int, float)) and self.noise >= 0):
             raise UsageError(f"noise must be a number >= 0, got {self.noise!r}")
-        if self.factor == 1 and self.ffn == 1:
+        self._check_depth()
+        if self.factor == 1 and self.ffn == 1 and not self.added_blocks:
             raise UsageError("nothing to widen: factor and FFN factor are both 1")
         if self.residual not in rules.RESIDUAL_SCHEMES:
             raise UsageError(f"residual scale must be one of {', '.join(rules.RESIDUAL_SCHEMES)}, got {self.residual!r}")
@@ -52,6 +69,20 @@ class Options:
             raise UsageError(f"kv heads must be one of {', '.join(rules.KV_HEAD_MODES)}, got {self.kv_heads!r}")
         if self.rope not in rules.ROPE_PLACEMENTS:
             raise UsageError(f"rope placement must be one of {', '.join(rules.ROPE_PLACEMENTS)}, got {self.rope!r}")
+
+    def _check_depth(self):
+        from .errors import UsageError
+
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        if not is_int(self.depth) or self.depth < 0:
+            raise UsageError(f"depth must be an integer >= 0, got {self.depth!r}")
+        if self.depth_at is not None:
+            if not self.depth_at or not all(is_int(p) and p >= 1 for p in self.depth_at):
+                raise UsageError(f"depth positions must be integers >= 1 (after that block), got {self.depth_at!r}")
+            if self.depth and self.depth != len(self.depth_at):
+                raise UsageError(f"--depth {self.depth} but {len(self.depth_at)} --depth-at positions")
 
 
 @dataclass
@@ -101,6 +132,7 @@ class Plan:
     io: dict = field(default_factory=dict)  # graph input/output name -> mapping json
     notes: list = field(default_factory=list)  # departures from the canonical wide config
     wide_values: dict = field(default_factory=dict)  # shape-domain values evaluated in the wide world
+    depth: dict | None = None  # blocks inserted before widening (depth.deepen's info)
 
     # ---- layouts -----------------------------------------------------------------------------
     def layout(self, sym) -> D.Layout:

@@ -174,25 +174,32 @@ def validate(small, wide, factor: int | None = None, shapes: dict | None = None,
     refs = None
     if narrow:
         s_ref = session(precision.upcast(small), provider)
-        refs = [s_ref.run(None, precision.as_inputs_of(feeds, s_ref)) for feeds, _ in runs]
+        refs = [s_ref.run(None, precision.as_inputs_of(run[0], s_ref)) for run in runs]
         del s_ref
         result.reference = f"float32 upcast of the small model; the wide model's error may be {precision.REFERENCE_MARGIN:g}x the small model's"
     s_wide = session(wide, provider)
     mapping = ((_session_mapping(s_wide) if isinstance(wide, str) else read_mapping(wide)) or {}).get("tensors")
     wide_inputs = {i.name for i in s_wide.get_inputs()}
     worst: dict[str, OutputCheck] = {}
-    for r, (feeds, ref) in enumerate(runs):
+    for r, (feeds, ref, dims, fixed) in enumerate(runs):
         wide_feeds = {}
         for n, v in feeds.items():
             if n not in wide_inputs:
                 raise WidenError(f"wide model has no input {n!r}")
             entry = (mapping or {}).get(n)
             wide_feeds[n] = widen_array(v, entry) if entry else v
+        if wide_inputs - set(feeds):  # inputs of inserted blocks (--depth: their KV cache) get any value
+            wide_model = onnx.load(wide, load_external_data=False) if isinstance(wide, str) else wide
+            extra = make_inputs(wide_model, fixed, seed + r, dims)
+            wide_feeds.update({n: extra[n] for n in wide_inputs - set(feeds)})
         try:
-            got = s_wide.run(None, precision.as_inputs_of(wide_feeds, s_wide))
+            got = dict(zip([o.name for o in s_wide.get_outputs()], s_wide.run(None, precision.as_inputs_of(wide_feeds, s_wide))))
         except Exception as e:
             raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
-        for i, (o, a, b) in enumerate(zip(result.small_outputs, ref, got)):
+        for i, (o, a) in enumerate(zip(result.small_outputs, ref)):
+            if o.name not in got:
+                raise WidenError(f"wide model has no output {o.name!r}")
+            b = got[o.name]
             entry = mapping.get(o.name) if mapping is not None else (post_convention(a.shape, b.shape, factor) if factor else None)
             if entry is None and a.shape != b.shape:
                 raise WidenError(f"output {o.name!r}: shape {b.shape} of the wide model cannot be mapped to {a.shape}"
@@ -219,7 +226,7 @@ def validate(small, wide, factor: int | None = None, shapes: dict | None = None,
 
 
 def _run_small(src, small, shapes, seed, provider, result) -> list:
-    """(feeds, outputs) of the small model for every input shape set."""
+    """(feeds, outputs, dims, fixed shapes) of the small model for every input shape set."""
     s_small = session(src, provider)
     result.input_shapes = []
     runs = []
@@ -227,7 +234,7 @@ def _run_small(src, small, shapes, seed, provider, result) -> list:
         feeds = make_inputs(small, fixed, seed + k, dims)
         result.input_shapes.append({n: list(v.shape) for n, v in feeds.items()})
         try:
-            runs.append((feeds, s_small.run(None, feeds)))
+            runs.append((feeds, s_small.run(None, feeds), dims, fixed))
         except Exception as e:
             raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
     result.small_outputs = s_small.get_outputs()

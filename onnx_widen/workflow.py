@@ -91,7 +91,7 @@ def widened_anything(plan) -> bool:
 def check_widens(plan):
     """A graph where no weight grows (no embedding creates a hidden dimension: a CNN, an MLP on
     float features) is refused rather than written back unchanged as if it had been widened."""
-    if widened_anything(plan):
+    if widened_anything(plan) or plan.depth:
         return
     ops = sorted({n.op_type for n in plan.an.graph.nodes})
     has_embedding = any(m.kind == "embedding" for m in plan.an.matches)
@@ -109,19 +109,21 @@ def nonfinite_note(counts: dict) -> str:
 
 def widen_file(source: str, out: str, factor: int, residual: str = "repeat", validate: bool = True, provider: str = "cpu",
                rope: str = "spread", report: str | None = None, heads: str = "keep", kv_heads: str = "tile",
-               ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0, external_data: str | None = None,
-               progress=None) -> dict:
+               ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0, depth: int = 0, depth_at=None,
+               allow_approximate: bool = False, external_data: str | None = None, progress=None) -> dict:
     """Widen SOURCE into OUT, streaming: tensors are computed and written one at a time (input
     external data memory-mapped, at most two wide tensors in memory), onnxruntime validates the
     written file under a temporary name, and only a valid model gets OUT's name.
     external_data: the data file's name beside OUT (None: one file while it fits in 2 GiB).
-    progress: a callable(total_bytes, total_tensors) returning a callable(bytes, tensor_done)."""
+    progress: a factory progress(total_bytes, tensors) -> tick(bytes, tensor_done) (writer.write)."""
     check_paths(source, out, report)
     opts = plan_mod.Options(factor=factor, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads, ffn_factor=ffn_factor,
-                            noise=noise, seed=seed)
+                            noise=noise, seed=seed, depth=depth, depth_at=tuple(depth_at) if depth_at else None,
+                            allow_approximate=allow_approximate)
     opts.check()
     t0 = time.perf_counter()
-    small, files = read_model(source, "lazy")
+    # Inserting blocks copies the graph with its weights: that path reads external data in.
+    small, files = read_model(source, True if opts.added_blocks else "lazy")
     check_not_external(out, files)
     if report is not None:
         check_not_external(report, files, "report")
@@ -144,7 +146,7 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
         "matched": match_summary(plan.an), "params_before": count_params(small), "params_after": sum(math.prod(p.dims) for p in pending if p.data_type in FLOAT_TYPES),
         "notes": notes, "mapping": plan.io, "validation": None,
         "nonfinite": {"count": sum(nonfinite.values()), "tensors": nonfinite},
-        "estimated_output_bytes": size,
+        "estimated_output_bytes": size, "depth": plan.depth,
     }
     t2 = time.perf_counter()
     record_provenance(skeleton, source, summary)
@@ -158,7 +160,12 @@ def widen_file(source: str, out: str, factor: int, residual: str = "repeat", val
         if validate:
             from .validation import validate as run_validate
 
-            res = run_validate(small, written.runtime_path, provider=provider, small_path=source)
+            # An approximate deepening is measured against the small model; the widening is still checked exactly.
+            reference, reference_path = small, source
+            if plan.depth and plan.depth["approximate"]:
+                reference, reference_path = plan.an.graph.model, None
+                plan.depth["error"] = run_validate(small, reference, provider=provider, small_path=source).to_json()["outputs"]
+            res = run_validate(reference, written.runtime_path, provider=provider, small_path=reference_path)
             summary["validation"] = res.to_json()
             times["validate"] = time.perf_counter() - t3
             if not res.ok:
