@@ -80,10 +80,9 @@ def apply(plan: Plan, progress=None) -> onnx.ModelProto:
                 a.f = float(value)
     _rewrite_signature(plan, graph)
     graph.ClearField("value_info")
-    o = plan.opts
-    options = {"factor": o.factor, "residual": o.residual, "rope": o.rope, "heads": o.heads, "kv_heads": o.kv_heads,
-               "ffn_factor": o.ffn, "noise": o.noise, "seed": o.seed}
-    _set_meta(model, MAPPING_KEY, json.dumps({"version": 1, **options, "options": options, "tensors": plan.io}))
+    options = plan.opts.to_json()
+    _set_meta(model, MAPPING_KEY, json.dumps({"version": 1, **options, "options": options, "approximate": plan.approximate,
+                                              "tensors": plan.io}))
     return model
 
 
