@@ -31,19 +31,26 @@ def build_plan(model, options: plan_mod.Options):
     return plan_mod.build(an, options)
 
 
-def widen(model_or_path, factor: int = 2, residual: str = "repeat", rope: str = "spread", heads: str = "keep",
-          kv_heads: str = "tile", ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0) -> onnx.ModelProto:
-    """Return the widened model (hidden, FFN and head size times `factor`) computing the same function.
+def widen(model_or_path, factor: int | None = None, residual: str = "repeat", rope: str = "spread", heads: str = "keep",
+          kv_heads: str = "tile", ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0,
+          hidden: int | None = None, ffn_size: int | None = None, num_heads: int | None = None,
+          allow_approximate: bool = False) -> onnx.ModelProto:
+    """Return the widened model (hidden, FFN and head size times `factor`, default 2) computing the same function.
 
     residual: "repeat" (canonical) or "orthogonal" (the post's R(x)/sqrt(k), eps/k).
     rope: "spread" (the wide config's own frequencies) or "remap" (repeated frequencies).
     heads: "keep" (head size times factor) or "grow" (head count times factor, head size kept);
     kv_heads (with heads="grow"): "tile" (kv heads times factor) or "keep" (query copies interleaved).
     ffn_factor: the FFN inner size's own factor (default: factor); factor=1 with ffn_factor>1 widens the FFN only.
-    noise, seed: exact symmetry-breaking noise (relative std) on weights that read copied units."""
+    noise, seed: exact symmetry-breaking noise (relative std) on weights that read copied units.
+    hidden, ffn_size, num_heads: target sizes, any count (hidden replaces factor; what is not named keeps
+    its size): RMSNorm models zero-pad the residual stream, pre-norm LayerNorm models average-expand it
+    (epsilons change, see the notes), post-norm LayerNorm is refused unless allow_approximate (then the
+    result is approximate, marked so in its metadata). num_heads keeps the head size (RoPE needs it)."""
     model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
     p = build_plan(model, plan_mod.Options(factor=factor, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads,
-                                                   ffn_factor=ffn_factor, noise=noise, seed=seed))
+                                           ffn_factor=ffn_factor, noise=noise, seed=seed, hidden=hidden, ffn_size=ffn_size,
+                                           num_heads=num_heads, allow_approximate=allow_approximate))
     return apply(p)
 
 

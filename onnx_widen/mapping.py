@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .dims import Layout
+from .dims import MEAN, Layout
 
 
 def post_convention(small_shape, wide_shape, factor: int) -> dict | None:
@@ -21,7 +21,7 @@ def post_convention(small_shape, wide_shape, factor: int) -> dict | None:
 
 
 def unwiden(arr: np.ndarray, entry: dict) -> np.ndarray:
-    """Average the copies of every unit, then divide by the scale."""
+    """Average the copies of every unit (units that copy none are dropped), then divide by the scale."""
     out = np.asarray(arr, dtype=np.float64)
     for axis, lay_json in sorted(entry["axes"].items(), key=lambda kv: int(kv[0])):
         lay = Layout.from_json(lay_json)
@@ -39,9 +39,12 @@ def widen_array(arr: np.ndarray, entry: dict) -> np.ndarray:
     for axis, lay_json in entry["axes"].items():
         lay = Layout.from_json(lay_json)
         axis = int(axis)
+        small = out
         out = np.take(out, np.where(lay.src < 0, 0, lay.src), axis=axis)
         if (lay.src < 0).any():
             shape = [1] * out.ndim
             shape[axis] = lay.wide
             out = out * (lay.src >= 0).reshape(shape)
+            if lay.has_mean_units:  # average expansion: new units hold the mean of the small ones
+                out = out + small.mean(axis=axis, keepdims=True) * (lay.src == MEAN).reshape(shape)
     return (out * entry["scale"]).astype(arr.dtype)

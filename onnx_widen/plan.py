@@ -137,8 +137,10 @@ class Recipe:
                 raise WidenError(f"{self.param.role} {self.param.name!r} do not follow a geometric series of frequencies "
                                  "(scaled RoPE): the wide config's frequencies are unknown; use --rope remap")
             return out
-        out = rules.widen_tensor(original, list(self.layouts), self.param.read_axes, self.factor,
-                                 mean_fill=self.param.role not in rules.NORM_PARAMS)
+        read = self.param.read_axes
+        if self.param.role in rules.NORM_PARAMS:
+            read = read | {i for i, lay in enumerate(self.layouts) if lay is not None and lay.has_mean_units}
+        out = rules.widen_tensor(original, list(self.layouts), read, self.factor)
         if self.noise is not None:
             out = rules.symmetry_breaking_noise(out, original, list(self.layouts), self.param.read_axes, *self.noise)
         return out.astype(original.dtype)

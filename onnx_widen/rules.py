@@ -28,18 +28,18 @@ def output_log_scale(k: int) -> float:
     return -0.5 * math.log(k)
 
 
-# A norm's own parameters: on mean units they are zero, so the norm's new outputs are zero.
+# A LayerNorm's own parameters are zero on mean units, like a reader's rows (their copies are 1):
+# the norm's new outputs are then exactly zero.
 NORM_PARAMS = ("gamma", "beta")
 
 
-def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float, mean_fill: bool = True) -> np.ndarray:
+def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np.ndarray:
     """Linear layer rule W~[i, j] = c / (a * k_in) * W[i // k_in, j // k_out], in general form:
     copy every axis by its layout, divide each axis that is summed against a widened input by
     the copies of its unit, and multiply by the scale factor c / a (or c for biases, gains, tables).
     Units placed as zeros (src = ZERO) stay zero. Mean units (src = MEAN, LEMON's average
     expansion) take the mean of the small units on an axis that is written (a table's width, a
-    writer's output, a bias), zero on an axis that is read and, with mean_fill=False (a
-    LayerNorm's gamma and beta), zero everywhere: the norm's new outputs are then exactly zero."""
+    writer's output, a bias) and zero on an axis that is read."""
     # float32/float64 stay as they are (copies are exact, one rounding per factor); narrower floats
     # are computed in float32 and cast back once by the caller.
     out = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
@@ -53,7 +53,7 @@ def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float, mean_
             shape = [1] * out.ndim
             shape[axis] = len(src)
             out = out * (src >= 0).reshape(shape)
-            if lay.has_mean_units and mean_fill and axis not in read_axes:
+            if lay.has_mean_units and axis not in read_axes:
                 # Average expansion: what writes the axis writes the mean of its small outputs
                 # there; a reader gives mean units zero weight (they carry no information).
                 mean = small.mean(axis=axis, keepdims=True, dtype=np.float64).astype(out.dtype)
@@ -141,12 +141,16 @@ def head_count_layout(tags: set, size: int, ratio: Fraction, kv_heads: str) -> L
     new kv head brings its whole group of query heads, so the grouping stays consistent), "keep"
     grows the query copies of every kv head."""
     if "copies" in tags:
-        r, what = (ratio, "query heads per kv head") if kv_heads == "keep" else (Fraction(1), "")
+        r = ratio if kv_heads == "keep" else Fraction(1)
+        why = "query heads per kv head (--kv-heads keep): the new head count must be a multiple of the kv head count"
     elif "kv_heads" in tags:
-        r, what = (Fraction(1), "") if kv_heads == "keep" else (ratio, "kv head count")
+        r = Fraction(1) if kv_heads == "keep" else ratio
+        why = "kv heads (--kv-heads tile grows them with their groups of query heads); try --kv-heads keep"
     else:
-        r, what = ratio, "head count"
-    return Layout.stretch(size, grown(size, r, what))
+        r, why = ratio, "heads"
+    if (size * r).denominator != 1:
+        raise WidenError(f"head count: {size} {why}; growing by {r} gives {float(size * r):g}, not a whole number")
+    return Layout.stretch(size, int(size * r))
 
 
 def ffn_layout(size: int, ratio: Fraction) -> Layout:
