@@ -26,10 +26,15 @@ def unwiden(arr: np.ndarray, entry: dict) -> np.ndarray:
     for axis, lay_json in sorted(entry["axes"].items(), key=lambda kv: int(kv[0])):
         lay = Layout.from_json(lay_json)
         axis = int(axis)
-        onehot = np.zeros((lay.wide, lay.small))
-        valid = lay.src >= 0
-        onehot[np.flatnonzero(valid), lay.src[valid]] = 1.0 / lay.copies[lay.src[valid]]
-        out = np.moveaxis(np.tensordot(np.moveaxis(out, axis, -1), onehot, axes=([-1], [0])), -1, axis)
+        if lay.copies.min() == 0:
+            raise ValueError("a small unit has no copy")
+        # Sum each unit's copies (not a product with a 0/1 matrix: -inf * 0 would be NaN).
+        valid = np.flatnonzero(lay.src >= 0)
+        order = valid[np.argsort(lay.src[valid], kind="stable")]
+        starts = np.concatenate([[0], np.cumsum(lay.copies)[:-1]])
+        shape = [1] * out.ndim
+        shape[axis] = lay.small
+        out = np.add.reduceat(np.take(out, order, axis=axis), starts, axis=axis) / lay.copies.reshape(shape)
     return out / entry["scale"]
 
 

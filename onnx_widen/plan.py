@@ -124,6 +124,7 @@ class Recipe:
     factor: float = 1.0
     value: np.ndarray | None = None
     noise: tuple | None = None  # (relative std, seed): zero-sum noise over the copies of read axes
+    zero_mean: frozenset = frozenset()  # axes whose mean units are zero (read, or a norm's own), not means
 
     def compute(self, original: np.ndarray) -> np.ndarray:
         if self.value is not None:
@@ -137,9 +138,10 @@ class Recipe:
                 raise WidenError(f"{self.param.role} {self.param.name!r} do not follow a geometric series of frequencies "
                                  "(scaled RoPE): the wide config's frequencies are unknown; use --rope remap")
             return out
-        read = self.param.read_axes
-        if self.param.role in rules.NORM_PARAMS:
-            read = read | {i for i, lay in enumerate(self.layouts) if lay is not None and lay.has_mean_units}
+        # Mean units have one copy: as read axes they divide by 1, so the read set only decides
+        # whether they are zero or the mean.
+        mean = {i for i, lay in enumerate(self.layouts) if lay is not None and lay.has_mean_units}
+        read = (self.param.read_axes - mean) | self.zero_mean
         out = rules.widen_tensor(original, list(self.layouts), read, self.factor)
         if self.noise is not None:
             out = rules.symmetry_breaking_noise(out, original, list(self.layouts), self.param.read_axes, *self.noise)
@@ -599,8 +601,9 @@ def _parameters(plan: Plan):
             # Only a weight that reads copies may differ between them (WIDENING.md, Symmetry breaking);
             # a table tied to a lookup must stay one tensor.
             noise = (float(plan.opts.noise), int(plan.opts.seed))
+        zero_mean = _zero_mean_axes(plan, p, layouts)
         key = ("param",) + _normal_form(layouts, p.read_axes, factor) + ((p.name, noise) if noise else ()) \
-            + (("norm",) if p.role in rules.NORM_PARAMS and any(l is not None and l.has_mean_units for l in layouts) else ())
+            + ((("zero mean units",) + tuple(sorted(zero_mean))) if zero_mean else ())
         idxs = [i for i, n in enumerate(p.node.input) if n and _source_of(plan, p.node, i) == p.name]
         for i in idxs:
             # The edit sits on the node that reads the initializer (possibly through a Transpose).
@@ -608,7 +611,30 @@ def _parameters(plan: Plan):
             existing = plan.edits.get((id(reader), ridx))
             if existing is not None and existing[3].key != key:
                 raise WidenError(f"node {plan.an.name(p.node)!r}: parameter {p.name!r} has two incompatible roles")
-            plan.edits[(id(reader), ridx)] = (reader, ridx, p.name, Recipe(key, param=p, layouts=layouts, factor=factor, noise=noise))
+            plan.edits[(id(reader), ridx)] = (reader, ridx, p.name, Recipe(key, param=p, layouts=layouts, factor=factor, noise=noise,
+                                                                       zero_mean=zero_mean))
+
+
+def _zero_mean_axes(plan: Plan, p, layouts) -> frozenset:
+    """Axes on which mean units (average expansion) are zero rather than the mean: a reader's input
+    axis (readers ignore new units) and a LayerNorm's own gamma and beta (its new outputs are then
+    exactly zero). A reader of such a norm output may read anything there: it keeps the means, so
+    that a table tied to a lookup stays one tensor."""
+    mean = frozenset(i for i, lay in enumerate(layouts) if lay is not None and lay.has_mean_units)
+    if not mean:
+        return frozenset()
+    if p.role in rules.NORM_PARAMS:
+        return mean
+    read = mean & p.read_axes
+    return frozenset() if read and _reads_zeroed_norm(plan, p.node) else read
+
+
+def _reads_zeroed_norm(plan: Plan, node) -> bool:
+    g, name = plan.an.graph, node.input[0]
+    while (prod := g.producer.get(name)) is not None and prod.op_type in _THROUGH:
+        name = prod.input[0]
+    return prod is not None and any(n is prod and kind == "centred" and n.op_type in rules.CENTRED_NORM_OPS
+                                    for _, n, kind in plan.an.norms)
 
 
 def _normal_form(layouts, read_axes, factor):
@@ -620,10 +646,10 @@ def _normal_form(layouts, read_axes, factor):
         if lay is None:
             continue
         c = lay.copies[lay.src[lay.src >= 0]]
-        if c.min() == c.max() and not lay.has_mean_units:
+        if c.min() == c.max():
             factor /= float(c[0])
         else:
-            uneven.append(axis)  # per-unit values: uneven copies divided apart, mean units read as zeros
+            uneven.append(axis)
     return (tuple(l.key if l is not None and not l.identity else None for l in layouts), tuple(uneven), round(factor, 12))
 
 

@@ -31,6 +31,7 @@ def output_log_scale(k: int) -> float:
 # A LayerNorm's own parameters are zero on mean units, like a reader's rows (their copies are 1):
 # the norm's new outputs are then exactly zero.
 NORM_PARAMS = ("gamma", "beta")
+CENTRED_NORM_OPS = ("LayerNormalization", "SkipLayerNormalization")
 
 
 def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np.ndarray:
