@@ -238,9 +238,12 @@ def test_cli_targets(tmp_path):
     (["--heads", "many"], 2, "--heads"),
     (["--hidden", "1.5"], 2, "--hidden"),
 ])
-def test_cli_usage_errors(tmp_path, args, code, words):
+def test_cli_usage_errors(tmp_path, capsys, args, code, words):
+    from onnx_widen.cli import main
+
     out = tmp_path / "o.onnx"
-    got, _, err = cli("widen", "sample_models/gpt2/gpt2_ts17.onnx", "-o", str(out), *args)
+    got = main(["widen", str(SAMPLES / "gpt2" / "gpt2_ts17.onnx"), "-o", str(out), *args])
+    err = capsys.readouterr().err
     assert got == code and words in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
@@ -320,3 +323,22 @@ def test_structure_equals_native_export_of_the_target(tmp_path, name, opts, size
     wide = widen(load_sample(name), **opts)
     diff = differences(wide, native)
     assert set(diff) == eps_diff, diff
+
+
+def test_folder_with_targets(tmp_path):
+    import shutil
+
+    from onnx_widen.cli import main
+
+    src = tmp_path / "model"
+    src.mkdir()
+    shutil.copy(SAMPLES / "llama" / "llama_ts17.onnx", src / "decoder_model.onnx")
+    (src / "config.json").write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                                                 "num_key_value_heads": 2, "head_dim": 16, "model_type": "llama"}))
+    out = tmp_path / "wide"
+    assert main(["widen", str(src), "-o", str(out), "--hidden", "96", "--heads", "6", "--ffn-size", "200", "-q"]) == 0
+    assert json.loads((out / "config.json").read_text()) == {"hidden_size": 96, "intermediate_size": 200, "num_attention_heads": 6,
+                                                             "num_key_value_heads": 3, "head_dim": 16, "model_type": "llama"}
+    wide = onnx.load(str(out / "decoder_model.onnx"))
+    assert validate(str(src / "decoder_model.onnx"), wide).ok
+    assert read_mapping(wide)["options"]["hidden"] == 96
