@@ -34,6 +34,8 @@ def widen_config(config: dict, factor: int | None = None, ffn_factor: int | None
     def first(keys):
         return next((out[k] for k in keys if isinstance(out.get(k), int) and out[k] > 0), None)
 
+    if "n_inner" in out and out["n_inner"] is None and isinstance(out.get("n_embd"), int):
+        out["n_inner"] = 4 * out["n_embd"]  # GPT-2 style: None means 4 x n_embd, which need not hold once widened
     base = first(WIDTH_KEYS[:3] + ("dim",))
     r_hidden = Fraction(hidden, base) if hidden is not None and base else Fraction(factor)
     n_ffn = first(FFN_KEYS)

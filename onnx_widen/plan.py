@@ -681,7 +681,9 @@ def _scalars_and_attrs(plan: Plan):
         reader, ridx = _reader(plan, s.node, idx)
         old = np.asarray(an.graph.const(reader.input[ridx]))
         plan.edit_value(reader, ridx, (old * f).astype(old.dtype))
-        plan.notes.append(f"{s.role} {s.name!r} at {an.name(s.node)} scaled by {f:.6g}")
+        role = "epsilon" if "norm (decomposed)" in an.claims.get(an.name(s.node), "") else s.role
+        plan.notes.append(f"{role} {s.name!r} at {an.name(s.node)} scaled by {f:.6g}"
+                          + (" (not the wide config's value)" if role == "epsilon" else ""))
     for a in an.attrs:
         f = _factor(plan, a.log_factor, terms=a.terms)
         if abs(f - 1.0) < 1e-12:

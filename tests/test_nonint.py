@@ -12,7 +12,7 @@ import pytest
 from onnx_widen import UsageError, WidenError, validate, widen
 from onnx_widen.api import build_plan
 from onnx_widen.apply import read_mapping
-from onnx_widen.dims import MEAN, ZERO, Layout
+from onnx_widen.dims import MEAN, Layout
 from onnx_widen.folder import widen_config
 from onnx_widen.plan import Options
 from onnx_widen.structure import differences
@@ -135,7 +135,7 @@ def test_rmsnorm_epsilon_and_gain_follow_d_over_D():
     config's epsilon: said in the notes) and gamma * sqrt(d/D)."""
     small = load_sample("llama_dyn18")
     plan = build_plan(small, Options(hidden=96, num_heads=6))
-    assert any("scaled by 0.666667" in n for n in plan.notes)
+    assert any(n.startswith("epsilon") and "scaled by 0.666667" in n for n in plan.notes)
     wide = widen(small, hidden=96, num_heads=6)
     g_small = next(onnx.numpy_helper.to_array(t) for t in small.graph.initializer if t.name == "model.model.norm.weight")
     g_wide = next(onnx.numpy_helper.to_array(t) for t in wide.graph.initializer if t.name == "model.model.norm.weight")
@@ -270,6 +270,9 @@ def test_config_follows_target_sizes():
     assert widen_config(cfg, hidden=96, num_heads=6, kv_heads="keep")["num_key_value_heads"] == 2
     assert widen_config({"d_model": 64, "d_kv": 16, "d_ff": 128, "num_heads": 4}, hidden=96) == \
         {"d_model": 96, "d_kv": 24, "d_ff": 128, "num_heads": 4}
+    gpt2 = {"n_embd": 64, "n_head": 4, "n_inner": None}  # None: 4 x n_embd
+    assert widen_config(gpt2, hidden=96, num_heads=6) == {"n_embd": 96, "n_head": 6, "n_inner": 256}
+    assert widen_config(gpt2, hidden=96, num_heads=6, ffn_size=384)["n_inner"] == 384
 
 
 def test_localize_rebuilds_a_target_plan():
