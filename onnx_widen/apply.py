@@ -3,23 +3,66 @@ different values), epsilons, declared input/output shapes, and record the io map
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .errors import WidenError
+from .model_io import is_external, tensor_array
 from .plan import Plan
+from .rules import contiguous
 
 MAPPING_KEY = "onnx_widen.mapping"
 
 
-def apply(plan: Plan, progress=None) -> onnx.ModelProto:
+@dataclass
+class PendingTensor:
+    """One initializer of the wide model, described before it is computed: the writer lays the
+    file out from names, dims and types, then asks for the values one tensor at a time."""
+
+    name: str
+    dims: tuple
+    data_type: int
+    source: str  # the small model's constant it comes from
+    values: Callable[[], np.ndarray] | None = None  # None: `proto` is written as it is
+    proto: onnx.TensorProto | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.dims) * onnx.helper.tensor_dtype_to_np_dtype(self.data_type).itemsize
+
+    def array(self) -> np.ndarray:
+        arr = tensor_array(self.proto) if self.values is None else self.values()
+        if tuple(arr.shape) != tuple(self.dims):
+            raise WidenError(f"internal error: tensor {self.name!r} came out {list(arr.shape)}, planned {list(self.dims)}")
+        return arr
+
+    def tensor(self) -> onnx.TensorProto:
+        """The whole TensorProto, values included."""
+        if self.values is None and not is_external(self.proto):
+            return self.proto
+        return numpy_helper.from_array(contiguous(self.array()), self.name)
+
+
+def apply(plan: Plan) -> onnx.ModelProto:
+    """The wide model in memory (the Python API); files are written tensor by tensor (writer.py)."""
+    model, pending = rewrite(plan)
+    model.graph.initializer.extend(p.tensor() for p in pending)
+    return model
+
+
+def rewrite(plan: Plan) -> tuple[onnx.ModelProto, list]:
+    """The wide model without its initializers, and those initializers as PendingTensors (in the
+    small model's order, un-shared uses right after their original)."""
     an = plan.an
     g = an.graph
     src = g.model
-    model = onnx.ModelProto()
-    model.CopyFrom(_without_initializers(src))
+    model = _without_initializers(src)
     graph = model.graph
     # The analysis' node objects belong to the source model; find their twins in the copy by position.
     copy_nodes = list(graph.node)
@@ -31,7 +74,7 @@ def apply(plan: Plan, progress=None) -> onnx.ModelProto:
             if name and g.is_const(name):
                 uses[name].append((n, i))
 
-    new_inits = []
+    pending = []
     const_nodes_to_replace = {}
     for name in [t.name for t in src.graph.initializer] + [n.output[0] for n in g.nodes if n.op_type == "Constant"]:
         groups: dict = {}
@@ -42,32 +85,20 @@ def apply(plan: Plan, progress=None) -> onnx.ModelProto:
         if not groups:
             groups = {None: (None, [])}
         keep_key = None if None in groups else next(iter(groups))
-        original = None
         for gi, (key, (recipe, members)) in enumerate(groups.items()):
-            if recipe is None:
-                value = None
-            else:
-                if original is None:
-                    original = g.const(name)
-                value = recipe.compute(original)
             new_name = name if key == keep_key else f"{name}__w{gi}"
             if new_name != name:
                 for n, i in members:
                     node_copy[id(n)].input[i] = new_name
             if name in g.inits:
-                if value is None:
-                    new_inits.append(g.inits[name])
-                else:
-                    new_inits.append(numpy_helper.from_array(np.asarray(value).copy(order="C"), new_name))
-            elif value is not None:
+                pending.append(_pending(g, name, new_name, recipe))
+            elif recipe is not None:
+                value = recipe.compute(g.const(name))  # Constant nodes: small, computed now
                 if new_name == name:
                     const_nodes_to_replace[name] = value
                 else:
-                    new_inits.append(numpy_helper.from_array(np.asarray(value).copy(order="C"), new_name))
-            if progress:
-                progress(name)
-    graph.ClearField("initializer")
-    graph.initializer.extend(new_inits)
+                    pending.append(PendingTensor(new_name, tuple(np.shape(value)), _onnx_type(np.asarray(value).dtype), name,
+                                                 values=lambda v=value: np.asarray(v)))
     for n in graph.node:
         if n.op_type == "Constant" and n.output[0] in const_nodes_to_replace:
             v = const_nodes_to_replace[n.output[0]]
@@ -83,7 +114,21 @@ def apply(plan: Plan, progress=None) -> onnx.ModelProto:
     options = plan.opts.to_json()
     _set_meta(model, MAPPING_KEY, json.dumps({"version": 1, **options, "options": options, "approximate": plan.approximate,
                                               "tensors": plan.io}))
-    return model
+    return model, pending
+
+
+def _onnx_type(dtype) -> int:
+    return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+
+
+def _pending(g, name: str, new_name: str, recipe) -> PendingTensor:
+    t = g.inits[name]
+    if recipe is None:
+        return PendingTensor(new_name, tuple(t.dims), t.data_type, name, proto=t)
+    if recipe.value is not None:
+        value = np.asarray(recipe.value)
+        return PendingTensor(new_name, tuple(value.shape), _onnx_type(value.dtype), name, values=lambda: value)
+    return PendingTensor(new_name, recipe.wide_dims(t.dims), t.data_type, name, values=lambda: recipe.compute(g.const(name)))
 
 
 def _without_initializers(model):

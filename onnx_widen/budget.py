@@ -1,8 +1,13 @@
 """Will the widened model fit? Estimate the output's size before any heavy work and compare it
-with what the machine has: free disk at OUT's folder, available memory, and protobuf's 2 GiB
-limit on one ONNX file (the output is written as a single protobuf).
+with what the machine has: free disk at OUT's folder and available memory.
 
-Three estimates, cheapest first:
+Widening streams (writer.py): the memory it needs is the small model, if it is held in memory
+(external data is memory-mapped), plus two wide tensors (four for float16/bfloat16, widened in
+float32), plus onnxruntime's copies of both models when validating a single-file output
+(external data is memory-mapped by onnxruntime too). A model over protobuf's 2 GiB limit is
+written with external data, so that limit is not a reason to refuse.
+
+Three estimates of the output, cheapest first:
 - `upper_bound(model, k)`: every floating-point weight grows by k on every axis, once per use
   (a constant whose uses need different values is un-shared). Needs no analysis.
 - `from_plan(plan)`: exact initializer bytes of the plan's recipes (apply's grouping of uses).
@@ -23,11 +28,8 @@ import onnx
 from .errors import WidenError
 from .model_io import FLOAT_TYPES, PROTOBUF_LIMIT, data_bytes
 
-# Peak resident memory per output byte, measured with benchmarks/bench_widen.py (223 MB output:
-# 1.21 GB peak without validation, 1.35 GB with): the wide model, its float64 intermediates, the
-# serialized bytes and onnxruntime's copy while validating.
-RAM_PER_OUTPUT_BYTE = {True: 5.5, False: 5.0}
-PROCESS_OVERHEAD = 200 << 20  # Python, numpy, onnx, onnxruntime
+PROCESS_OVERHEAD = 300 << 20  # Python, numpy, onnx, onnxruntime, the graph without its weights
+TENSORS_IN_MEMORY = 2  # writer.IN_FLIGHT: one wide tensor written while the next is computed
 
 
 def human(n: float) -> str:
@@ -90,15 +92,22 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 
 def upper_bound(model: onnx.ModelProto, k: int) -> int:
+    return _upper(model, k)[0]
+
+
+def _upper(model: onnx.ModelProto, k: int) -> tuple:
+    """(total bytes, largest tensor bytes) if every float weight grew by k on every axis."""
     uses = _uses(model)
-    total = _overhead(model)
+    total, largest = _overhead(model), 0
     for name, t in _tensors(model).items():
         b = _bytes(t)
         if t.data_type in FLOAT_TYPES and len(t.dims) >= 1:
-            total += b * k ** len(t.dims) * max(1, uses.get(name, 0))
+            b *= k ** len(t.dims)
+            total += b * max(1, uses.get(name, 0))
         else:
             total += b
-    return total
+        largest = max(largest, b)
+    return total, largest
 
 
 def _groups(plan):
@@ -124,13 +133,17 @@ def _recipe_bytes(t, recipe, grow) -> int:
     return math.prod(dims) * _itemsize(t)
 
 
-def _total(plan, grow) -> int:
+def _sizes(plan, grow) -> list:
     g, tensors, by_name = _groups(plan)
-    total = _overhead(g.model)
-    for name, t in tensors.items():
-        recipes = by_name.get(name) or {None: None}
-        total += sum(_recipe_bytes(t, r, grow) for r in recipes.values())
-    return total
+    return [_recipe_bytes(t, r, grow) for name, t in tensors.items() for r in (by_name.get(name) or {None: None}).values()]
+
+
+def _total(plan, grow) -> int:
+    return _overhead(plan.an.graph.model) + sum(_sizes(plan, grow))
+
+
+def largest_from_plan(plan) -> int:
+    return max(_sizes(plan, lambda lay, n: lay.wide if lay is not None else n), default=0)
 
 
 def from_plan(plan) -> int:
@@ -202,8 +215,6 @@ class Budget:
 
     def problems(self) -> list:
         out = []
-        if self.output_bytes > PROTOBUF_LIMIT:
-            out.append("a single ONNX file holds at most 2 GiB")
         if self.ram_available is not None and self.ram_needed > self.ram_available:
             out.append(f"memory needed ~{human(self.ram_needed)}, available {human(self.ram_available)}")
         if self.disk_available is not None and self.disk_needed > self.disk_available:
@@ -211,14 +222,27 @@ class Budget:
         return out
 
 
-def budget(output_bytes: int, small_bytes: int, out_path: str, validate: bool = True) -> Budget:
+def ram_needed(output_bytes: int, small_bytes: int, largest: int, validate: bool = True, small_in_memory: bool = True,
+               narrow: bool = False) -> int:
+    ram = PROCESS_OVERHEAD + TENSORS_IN_MEMORY * largest * (2 if narrow else 1)
+    if small_in_memory:
+        ram += small_bytes
+    if validate and output_bytes <= PROTOBUF_LIMIT:
+        ram += small_bytes + output_bytes  # onnxruntime reads a single-file model into memory
+    return int(ram)
+
+
+def budget(output_bytes: int, small_bytes: int, out_path: str, validate: bool = True, largest: int | None = None,
+           small_in_memory: bool = True, narrow: bool = False) -> Budget:
     folder = os.path.dirname(os.path.abspath(out_path))
-    ram = int(small_bytes + RAM_PER_OUTPUT_BYTE[bool(validate)] * output_bytes + PROCESS_OVERHEAD)
+    largest = output_bytes if largest is None else largest
+    ram = ram_needed(output_bytes, small_bytes, largest, validate, small_in_memory, narrow)
     return Budget(int(output_bytes), ram, available_ram(), int(output_bytes), free_disk(folder), folder)
 
 
-def check(output_bytes: int, small_bytes: int, out_path: str, factor: int, validate: bool = True, estimated: str = "") -> Budget:
-    b = budget(output_bytes, small_bytes, out_path, validate)
+def check(output_bytes: int, small_bytes: int, out_path: str, factor: int, validate: bool = True, estimated: str = "",
+          largest: int | None = None, small_in_memory: bool = True, narrow: bool = False) -> Budget:
+    b = budget(output_bytes, small_bytes, out_path, validate, largest, small_in_memory, narrow)
     problems = b.problems()
     if problems:
         raise WidenError(f"factor {factor} is too large: the widened model would be about {human(output_bytes)}{estimated}; "
@@ -234,11 +258,12 @@ def preflight(model: onnx.ModelProto, opts, out_path: str, validate: bool = True
 
     factor = opts.factor
     small = model_bytes(model)
-    ub = upper_bound(model, factor)
-    if not budget(ub, small, out_path, validate).problems():
+    in_memory = not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    ub, largest = _upper(model, max(factor, opts.ffn))
+    if not budget(ub, small, out_path, validate, largest, in_memory).problems():
         return None
     from .api import build_plan
 
     probe = build_plan(model, dataclasses.replace(opts, factor=2))
-    check(extrapolate(probe, factor), small, out_path, factor, validate)
+    check(extrapolate(probe, factor), small, out_path, factor, validate, largest=largest, small_in_memory=in_memory)
     return probe if factor == 2 else None

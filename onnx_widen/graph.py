@@ -9,6 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import WidenError
+from .model_io import tensor_array
 
 SMALL_CONST = 4096  # elements: constants up to this size are read eagerly (shapes, scalars, axes)
 
@@ -67,13 +68,14 @@ class Graph:
         return tuple(self.const(name).shape)
 
     def const(self, name: str) -> np.ndarray:
-        if name not in self._const_cache:
-            if name in self.inits:
-                arr = numpy_helper.to_array(self.inits[name])
-            else:
-                arr = constant_node_value(self.producer[name])
+        """The constant's value. Only small ones are kept: a weight is read again (or memory-mapped,
+        for external data) at each use, so the input is never held twice."""
+        if name in self._const_cache:
+            return self._const_cache[name]
+        arr = tensor_array(self.inits[name]) if name in self.inits else constant_node_value(self.producer[name])
+        if arr.size <= SMALL_CONST:
             self._const_cache[name] = arr
-        return self._const_cache[name]
+        return arr
 
     def small_const(self, name: str):
         """Value of a constant with few elements, else None."""

@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from .errors import UsageError, WidenError
 
@@ -132,9 +132,17 @@ def count_nonfinite(model: onnx.ModelProto) -> dict:
     out = {}
     for t, _, name in _graph_tensors(model.graph):
         size = math.prod(t.dims)
-        if t.data_type not in FLOAT_TYPES or t.data_location == TensorProto.EXTERNAL or size == 0:
+        if t.data_type not in FLOAT_TYPES or size == 0:
             continue
-        if t.data_type == TensorProto.BFLOAT16:
+        if is_external(t):
+            if not os.path.isabs(_external_entries(t).get("location", "")):
+                continue  # not checked and resolved by read_model(..., "lazy")
+            arr = tensor_array(t).reshape(-1)
+            step = 1 << 24
+            chunks = [np.asarray(arr[i:i + step], dtype=np.float32) for i in range(0, arr.size, step)]
+            nan = sum(int(np.count_nonzero(np.isnan(c))) for c in chunks)
+            inf = sum(int(np.count_nonzero(np.isinf(c))) for c in chunks)
+        elif t.data_type == TensorProto.BFLOAT16:
             bits = np.frombuffer(t.raw_data, dtype=np.uint16) if t.raw_data else np.asarray(t.int32_data, dtype=np.uint16)
             nan = int(np.count_nonzero(((bits & 0x7F80) == 0x7F80) & ((bits & 0x7F) != 0)))
             inf = int(np.count_nonzero((bits & 0x7FFF) == 0x7F80))
@@ -264,8 +272,12 @@ def check_structure(model: onnx.ModelProto, path: str = ""):
 
 
 # ---- loading -------------------------------------------------------------------------------------
-def read_model(path, load_external: bool = True):
-    """Load and check a model file. Returns (model, external data files it reads: real paths)."""
+def read_model(path, load_external=True):
+    """Load and check a model file. Returns (model, external data files it reads: real paths).
+
+    load_external: True reads external data into the model; "lazy" checks it and points every
+    external tensor at its file's real path, to be read (memory-mapped) by `tensor_array` one
+    tensor at a time, so a model larger than memory can be widened; False leaves it alone."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file")
@@ -295,9 +307,9 @@ def read_model(path, load_external: bool = True):
     check_structure(model, path)
     files = []
     if load_external:
-        files = _load_external(model, os.path.dirname(os.path.abspath(path)), path)
+        files = _load_external(model, os.path.dirname(os.path.abspath(path)), path, lazy=load_external == "lazy")
     for t, where, _ in _graph_tensors(model.graph):
-        if load_external or t.data_location != TensorProto.EXTERNAL:
+        if load_external is True or t.data_location != TensorProto.EXTERNAL:
             try:
                 check_tensor(t, where)
             except WidenError as e:
@@ -325,7 +337,7 @@ def external_data_files(model: onnx.ModelProto, base: str) -> list:
     return sorted(set(out))
 
 
-def _load_external(model, base, path=""):
+def _load_external(model, base, path="", lazy=False):
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
     real_base = os.path.realpath(base)
@@ -357,13 +369,51 @@ def _load_external(model, base, path=""):
             raise WidenError(f"{path}: tensor {t.name!r}: external data file {loc!r} is too short ({fsize} bytes; "
                              f"the tensor needs bytes {offset}..{offset + length})")
         files.add(full)
-    if not files:
-        return []
+        if lazy:
+            _set_external_location(t, full)
+    if not files or lazy:
+        return sorted(files)
     try:
         onnx.load_external_data_for_model(model, base)
     except Exception as e:
         raise WidenError(f"{path}: external data could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return sorted(files)
+
+
+def _set_external_location(t: TensorProto, location: str):
+    for entry in t.external_data:
+        if entry.key == "location":
+            entry.value = location
+
+
+def _external_entries(t: TensorProto) -> dict:
+    return {e.key: e.value for e in t.external_data}
+
+
+def is_external(t: TensorProto) -> bool:
+    return t.data_location == TensorProto.EXTERNAL
+
+
+# Below this many bytes an external tensor is read into memory rather than memory-mapped.
+_MAP_MIN_BYTES = 1 << 16
+
+
+def tensor_array(t: TensorProto) -> np.ndarray:
+    """The tensor's values. An external tensor (already checked, its location made absolute by
+    read_model(..., "lazy")) is memory-mapped read-only: its pages are read when used and
+    dropped with the array, so widening never holds the whole input in memory."""
+    if not is_external(t):
+        return numpy_helper.to_array(t)
+    e = _external_entries(t)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    offset = int(e.get("offset") or 0)
+    shape = tuple(t.dims)
+    count = math.prod(shape)
+    if count * np.dtype(dtype).itemsize < _MAP_MIN_BYTES:
+        with open(e["location"], "rb") as f:
+            f.seek(offset)
+            return np.fromfile(f, dtype=dtype, count=count).reshape(shape)
+    return np.memmap(e["location"], dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 # ---- saving --------------------------------------------------------------------------------------

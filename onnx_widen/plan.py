@@ -126,6 +126,13 @@ class Recipe:
     noise: tuple | None = None  # (relative std, seed): zero-sum noise over the copies of read axes
     zero_mean: frozenset = frozenset()  # axes whose mean units are zero (read, or a norm's own), not means
 
+    def wide_dims(self, small_dims) -> tuple:
+        """The rewritten tensor's shape, known before any value is computed (the writer lays
+        the file out first)."""
+        if self.value is not None:
+            return tuple(self.value.shape)
+        return tuple(lay.wide if lay is not None else n for lay, n in zip(self.layouts, small_dims))
+
     def compute(self, original: np.ndarray) -> np.ndarray:
         if self.value is not None:
             return self.value
@@ -145,7 +152,7 @@ class Recipe:
         out = rules.widen_tensor(original, list(self.layouts), read, self.factor)
         if self.noise is not None:
             out = rules.symmetry_breaking_noise(out, original, list(self.layouts), self.param.read_axes, *self.noise)
-        return out.astype(original.dtype)
+        return rules.cast_back(out, original.dtype, self.param.name)
 
 
 @dataclass

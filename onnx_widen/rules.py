@@ -40,36 +40,98 @@ def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np
     the copies of its unit, and multiply by the scale factor c / a (or c for biases, gains, tables).
     Units placed as zeros (src = ZERO) stay zero. Mean units (src = MEAN, LEMON's average
     expansion) take the mean of the small units on an axis that is written (a table's width, a
-    writer's output, a bias) and zero on an axis that is read."""
+    writer's output, a bias) and zero on an axis that is read.
+
+    The arithmetic is done on the small tensor, then copied: a copy does not change a value, so
+    this is the same float result with k**2 times less arithmetic, and the wide tensor is made
+    in one pass where every axis is a plain repeat."""
     # float32/float64 stay as they are (copies are exact, one rounding per factor); narrower floats
-    # are computed in float32 and cast back once by the caller.
-    out = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
+    # (float16, bfloat16) are computed in float32 and cast back once by `cast_back`.
+    small = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
+    for axis in read_axes:
+        lay = layouts[axis]
+        if lay is None or lay.identity:
+            continue
+        copies = lay.copies
+        used = copies[copies > 0]
+        if used.size and used.min() == used.max():
+            factor = factor / float(used[0])  # folded into one multiply below
+        else:
+            shape = [1] * small.ndim
+            shape[axis] = len(copies)
+            small = small / np.where(copies > 0, copies, 1).reshape(shape).astype(small.dtype)
+    if factor != 1.0:
+        small = small * small.dtype.type(factor)
+    mean_axes = {a for a, lay in enumerate(layouts) if lay is not None and lay.has_mean_units and a not in read_axes}
+    return expand(contiguous(small), layouts, mean_axes)
+
+
+def expand(small: np.ndarray, layouts: list, mean_axes=()) -> np.ndarray:
+    """Copy every axis of `small` by its layout (zeros where src = ZERO, and where src = MEAN
+    unless the axis is in mean_axes: there the mean of the small units)."""
+    repeats = [_plain_repeat(lay, n) for lay, n in zip(layouts, small.shape)]
+    if all(r is not None for r in repeats):
+        # [n0, r0, n1, r1, ...] <- small[:, None, :, None, ...]: one write per output element.
+        out = np.empty(tuple(n * r for n, r in zip(small.shape, repeats)), dtype=small.dtype)
+        split = out.reshape([d for n, r in zip(small.shape, repeats) for d in (n, r)])
+        split[...] = small.reshape([d for n in small.shape for d in (n, 1)])
+        return out
+    out = small
     for axis, lay in enumerate(layouts):
         if lay is None or lay.identity:
             continue
         src = lay.src
-        small = out
+        before = out
         out = np.take(out, np.where(src < 0, 0, src), axis=axis)
         if (src < 0).any():
-            shape = [1] * out.ndim
-            shape[axis] = len(src)
-            out = out * (src >= 0).reshape(shape)
-            if lay.has_mean_units and axis not in read_axes:
-                # Average expansion: what writes the axis writes the mean of its small outputs
-                # there; a reader gives mean units zero weight (they carry no information).
-                mean = small.mean(axis=axis, keepdims=True, dtype=np.float64).astype(out.dtype)
-                out = out + mean * (src == MEAN).reshape(shape).astype(out.dtype)
-        if axis in read_axes:
-            shape = [1] * out.ndim
-            shape[axis] = len(src)
-            copies = lay.copies[np.where(src < 0, 0, src)]
-            if copies.min() == copies.max():
-                factor = factor / float(copies[0])  # folded into one multiply below
-            else:
-                out = out / np.where(src < 0, 1, copies).reshape(shape).astype(out.dtype)
-    if factor != 1.0:
-        out = out * out.dtype.type(factor)
+            np.moveaxis(out, axis, 0)[src < 0] = 0
+            if axis in mean_axes:
+                # Average expansion: what writes the axis writes the mean of its small outputs there.
+                mean = np.moveaxis(before.mean(axis=axis, keepdims=True, dtype=np.float64), axis, 0)[0]
+                np.moveaxis(out, axis, 0)[src == MEAN] = mean.astype(out.dtype)
     return out
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """C order, keeping the rank (np.ascontiguousarray turns a scalar into shape [1])."""
+    return a if a.flags.c_contiguous else a.copy(order="C")
+
+
+def _plain_repeat(lay, n: int):
+    """r when the layout copies every unit r times in place ([x1, x1, x2, x2]); else None."""
+    if lay is None or lay.identity:
+        return 1
+    if lay.wide % n or (lay.src < 0).any():
+        return None
+    r = lay.wide // n
+    return r if np.array_equal(lay.src, np.repeat(np.arange(n), r)) else None
+
+
+def cast_back(wide: np.ndarray, dtype, name: str = "") -> np.ndarray:
+    """float16 / bfloat16 weights were widened in float32: cast back once. A value that grew
+    past the narrow type's range would become inf: refuse rather than write it."""
+    dtype = np.dtype(dtype)
+    if wide.dtype == dtype:
+        return wide
+    if dtype.kind == "f" or dtype.name == "bfloat16":
+        limit = float(ml_finfo(dtype).max)
+        finite = np.isfinite(wide)
+        over = np.abs(np.where(finite, wide, 0)) > limit
+        if over.any():
+            from .errors import WidenError
+
+            raise WidenError(f"tensor {name!r}: widened values reach {float(np.abs(wide[finite]).max()):.4g}, past the "
+                             f"{dtype.name} range (max {limit:.4g}); widen a float32 copy of the model instead")
+    return wide.astype(dtype)
+
+
+def ml_finfo(dtype):
+    try:
+        return np.finfo(dtype)
+    except ValueError:  # bfloat16 and other ml_dtypes types
+        import ml_dtypes
+
+        return ml_dtypes.finfo(dtype)
 
 
 def norm_statistic_log(lay: Layout) -> float:

@@ -1,6 +1,7 @@
 """Run the small and the wide model on the same inputs with onnxruntime and compare outputs."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +84,9 @@ def make_inputs(model: onnx.ModelProto, shapes: dict | None = None, seed: int = 
     return feeds
 
 
-def session(model: onnx.ModelProto, provider: str = "cpu"):
+def session(model, provider: str = "cpu"):
+    """An onnxruntime session on a ModelProto or a model file (a file keeps its external data
+    where it is: onnxruntime maps aligned data instead of copying it)."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -92,10 +95,31 @@ def session(model: onnx.ModelProto, provider: str = "cpu"):
         raise UsageError(f"provider {provider!r} is not available in this onnxruntime build")
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
+    # Pre-packed weights are a second copy of every MatMul weight: a few tokens do not need them.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=[PROVIDERS[provider]])
+        src = model if isinstance(model, str) else model.SerializeToString()
+        return ort.InferenceSession(src, opts, providers=[PROVIDERS[provider]])
     except Exception as e:
         raise WidenError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
+
+
+def _session_mapping(sess):
+    """The wide model's io mapping, from the metadata onnxruntime read with it."""
+    import json
+
+    from .apply import MAPPING_KEY
+
+    text = sess.get_modelmeta().custom_metadata_map.get(MAPPING_KEY)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("tensors", {}), dict):
+            raise ValueError("not a mapping")
+    except ValueError as e:
+        raise WidenError(f"metadata {MAPPING_KEY!r} of the wide model is not valid ({e})") from None
+    return data
 
 
 def _shape_sets(model, shapes):
@@ -112,19 +136,33 @@ def _shape_sets(model, shapes):
 
 
 def validate(small, wide, factor: int | None = None, shapes: dict | None = None, atol: float = ATOL, rtol: float = RTOL,
-             provider: str = "cpu", seed: int = 0) -> ValidationResult:
-    from .model_io import load_model
+             provider: str = "cpu", seed: int = 0, small_path: str | None = None) -> ValidationResult:
+    """SMALL and WIDE are ModelProtos or paths; a path is handed to onnxruntime as it is (external
+    data stays on disk). `small_path`: where onnxruntime reads a SMALL ModelProto whose external
+    data was not loaded. The small model runs first and is released before the wide one loads."""
+    from .model_io import read_model
 
-    small = load_model(small) if not isinstance(small, onnx.ModelProto) else small
-    wide = load_model(wide) if not isinstance(wide, onnx.ModelProto) else wide
-    mapping = (read_mapping(wide) or {}).get("tensors")
-    s_small, s_wide = session(small, provider), session(wide, provider)
-    wide_inputs = {i.name for i in s_wide.get_inputs()}
+    if isinstance(small, str):
+        small_path = small
+        small = read_model(small, "lazy")[0]
+    wide = os.fspath(wide) if isinstance(wide, os.PathLike) else wide
     result = ValidationResult(provider=provider, atol=atol, rtol=rtol)
-    worst: dict[str, OutputCheck] = {}
+    runs = []
+    s_small = session(small_path or small, provider)
     for k, (dims, fixed) in enumerate(_shape_sets(small, shapes)):
         feeds = make_inputs(small, fixed, seed + k, dims)
         result.input_shapes.append({n: list(v.shape) for n, v in feeds.items()})
+        try:
+            runs.append((feeds, s_small.run(None, feeds)))
+        except Exception as e:
+            raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
+    small_outputs = s_small.get_outputs()
+    del s_small
+    s_wide = session(wide, provider)
+    mapping = ((_session_mapping(s_wide) if isinstance(wide, str) else read_mapping(wide)) or {}).get("tensors")
+    wide_inputs = {i.name for i in s_wide.get_inputs()}
+    worst: dict[str, OutputCheck] = {}
+    for feeds, ref in runs:
         wide_feeds = {}
         for n, v in feeds.items():
             if n not in wide_inputs:
@@ -132,11 +170,10 @@ def validate(small, wide, factor: int | None = None, shapes: dict | None = None,
             entry = (mapping or {}).get(n)
             wide_feeds[n] = widen_array(v, entry) if entry else v
         try:
-            ref = s_small.run(None, feeds)
             got = s_wide.run(None, wide_feeds)
         except Exception as e:
             raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
-        for o, a, b in zip(s_small.get_outputs(), ref, got):
+        for o, a, b in zip(small_outputs, ref, got):
             entry = mapping.get(o.name) if mapping is not None else (post_convention(a.shape, b.shape, factor) if factor else None)
             if entry is None and a.shape != b.shape:
                 raise WidenError(f"output {o.name!r}: shape {b.shape} of the wide model cannot be mapped to {a.shape}"

@@ -7,15 +7,19 @@ the wide model has been validated.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 
+import onnx
+
 from . import budget as budget_mod
 from . import plan as plan_mod
+from . import writer
 from .api import build_plan
-from .apply import apply
+from .apply import rewrite
 from .errors import UsageError, WidenError
-from .model_io import FLOAT_TYPES, count_nonfinite, read_model, save_model_atomic, write_bytes_atomic
+from .model_io import FLOAT_TYPES, count_nonfinite, read_model, write_bytes_atomic
 from .report import count_params, match_summary
 
 
@@ -105,61 +109,78 @@ def nonfinite_note(counts: dict) -> str:
 
 def widen_file(source: str, out: str, factor: int | None, residual: str = "repeat", validate: bool = True, provider: str = "cpu",
                rope: str = "spread", report: str | None = None, heads: str = "keep", kv_heads: str = "tile",
-               ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0, **targets) -> dict:
+               ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0, external_data: str | None = None,
+               progress=None, **targets) -> dict:
+    """Widen SOURCE into OUT, streaming: tensors are computed and written one at a time (input
+    external data memory-mapped, at most two wide tensors in memory), onnxruntime validates the
+    written file under a temporary name, and only a valid model gets OUT's name.
+    external_data: the data file's name beside OUT (None: one file while it fits in 2 GiB).
+    progress: a callable(total_bytes, total_tensors) returning a callable(bytes, tensor_done)."""
     check_paths(source, out, report)
     opts = plan_mod.Options(factor=factor, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads, ffn_factor=ffn_factor,
                             noise=noise, seed=seed, **targets)
     opts.check()
     factor = opts.factor
     t0 = time.perf_counter()
-    small, files = read_model(source)
+    small, files = read_model(source, "lazy")
     check_not_external(out, files)
     if report is not None:
         check_not_external(report, files, "report")
+    if external_data is not None:
+        writer.check_data_name(external_data, out, files)
     check_degenerate(small)
     nonfinite = count_nonfinite(small)
     t1 = time.perf_counter()
     plan = budget_mod.preflight(small, opts, out, validate) or build_plan(small, opts)
     check_widens(plan)
     size = budget_mod.from_plan(plan)
-    budget_mod.check(size, budget_mod.model_bytes(small), out, factor, validate)
-    t2 = time.perf_counter()
-    wide = apply(plan)
-    t3 = time.perf_counter()
+    budget_mod.check(size, budget_mod.model_bytes(small), out, factor, validate, largest=budget_mod.largest_from_plan(plan),
+                     small_in_memory=not files, narrow=any(t.data_type in NARROW_FLOATS for t in small.graph.initializer))
+    skeleton, pending = rewrite(plan)
     notes = list(plan.notes)
     if nonfinite:
         notes.insert(0, nonfinite_note(nonfinite))
     summary = {
         "input": source, "output": out, "factor": factor, "residual": residual, "rope": rope, "heads": heads, "kv_heads": kv_heads, "ffn_factor": opts.ffn, "noise": noise, "seed": seed,
-        "matched": match_summary(plan.an), "params_before": count_params(small), "params_after": count_params(wide),
+        "matched": match_summary(plan.an), "params_before": count_params(small), "params_after": sum(math.prod(p.dims) for p in pending if p.data_type in FLOAT_TYPES),
         "notes": notes, "mapping": plan.io, "validation": None, "approximate": plan.approximate,
         **{k: v for k, v in opts.to_json().items() if k in targets and v is not None},
         "nonfinite": {"count": sum(nonfinite.values()), "tensors": nonfinite},
         "estimated_output_bytes": size,
     }
-    times = {"load": t1 - t0, "plan": t2 - t1, "rewrite": t3 - t2}
-    if validate:
-        from .validation import validate as run_validate
+    t2 = time.perf_counter()
+    record_provenance(skeleton, source, summary)
+    tick = progress(sum(writer.entry_bytes(p) for p in pending), len(pending)) if progress else None
+    with writer.write(skeleton, pending, out, external_data, tick) as written:
+        t3 = time.perf_counter()
+        times = {"load": t1 - t0, "plan": t2 - t1, "write": t3 - t2}
+        summary["external_data"] = written.external
+        if written.external and external_data is None:
+            notes.append(f"the model is over protobuf's 2 GiB limit for one file: weights written to {written.external} beside it")
+        summary["output_bytes"] = written.bytes_written
+        if validate:
+            from .validation import validate as run_validate
 
-        res = run_validate(small, wide, provider=provider)
-        summary["validation"] = res.to_json()
-        times["validate"] = time.perf_counter() - t3
-        if plan.approximate:  # asked for: the error is the result, reported rather than failed
-            notes.append("approximate result, max relative error " + ", ".join(f"{o.name} {o.max_rel:.3g}" for o in res.outputs))
-        elif not res.ok:
-            worst = max(res.outputs, key=lambda o: (o.max_rel != o.max_rel, o.max_rel))
-            failure = f"output {worst.name!r} max relative error {worst.max_rel:.3g}"
-            if nonfinite:
-                failure += f" (the input has {sum(nonfinite.values())} non-finite weight values)"
-            else:
-                failure += _first_divergence(small, wide)
-            summary["validation_failure"] = failure
-            summary["time_s"] = times
-            return summary
-    record_provenance(wide, source, summary)
-    t4 = time.perf_counter()
-    save_model_atomic(wide, out)
-    times["write"] = time.perf_counter() - t4
+            res = run_validate(small, written.runtime_path, provider=provider, small_path=source)
+            summary["validation"] = res.to_json()
+            times["validate"] = time.perf_counter() - t3
+            if plan.approximate:  # asked for: the error is the result, reported rather than failed
+                notes.append("approximate result, max relative error " + ", ".join(f"{o.name} {o.max_rel:.3g}" for o in res.outputs))
+            elif not res.ok:
+                worst = max(res.outputs, key=lambda o: (o.max_rel != o.max_rel, o.max_rel))
+                failure = f"output {worst.name!r} max relative error {worst.max_rel:.3g}"
+                if nonfinite:
+                    failure += f" (the input has {sum(nonfinite.values())} non-finite weight values)"
+                elif not files and written.bytes_written < LOCALIZE_MAX_BYTES:
+                    failure += _first_divergence(small, written.runtime_path)
+                summary["validation_failure"] = failure
+                summary["time_s"] = times
+                return summary
+            record_provenance(skeleton, source, summary)
+            written.set_metadata(*_validation_meta(summary))
+        t4 = time.perf_counter()
+        written.commit()
+        times["commit"] = time.perf_counter() - t4
     times["total"] = time.perf_counter() - t0
     summary["time_s"] = times
     return summary
@@ -171,6 +192,11 @@ def validation_failed(summary: dict) -> bool:
     return val is not None and not val["ok"] and not summary.get("approximate")
 
 
+NARROW_FLOATS = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+# Locating the first diverging tensor runs both models with every intermediate as an output.
+LOCALIZE_MAX_BYTES = 1 << 30
+
+
 PROVENANCE_KEYS = ("onnx_widen.version", "onnx_widen.source", "onnx_widen.source_sha256", "onnx_widen.validation")
 
 
@@ -178,7 +204,6 @@ def record_provenance(wide, source: str, summary: dict):
     """For pipelines: which tool and version made the model, from which file (SHA-256), and how it
     validated (the options are in onnx_widen.mapping)."""
     import hashlib
-    import json
 
     from . import __version__
     from .apply import _set_meta
@@ -187,13 +212,19 @@ def record_provenance(wide, source: str, summary: dict):
     with open(source, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    val = summary.get("validation")
     _set_meta(wide, "onnx_widen.version", __version__)
     _set_meta(wide, "onnx_widen.source", os.path.basename(source))
     _set_meta(wide, "onnx_widen.source_sha256", h.hexdigest())
-    _set_meta(wide, "onnx_widen.validation", json.dumps(
+    _set_meta(wide, *_validation_meta(summary))
+
+
+def _validation_meta(summary: dict) -> tuple:
+    import json
+
+    val = summary.get("validation")
+    return "onnx_widen.validation", json.dumps(
         {"ok": val["ok"], "provider": val["provider"], "max_rel": {k: v["max_rel"] for k, v in val["outputs"].items()}}
-        if val else {"ok": None, "skipped": True}))
+        if val else {"ok": None, "skipped": True})
 
 
 def write_report(summary: dict, path: str):
@@ -205,9 +236,10 @@ def write_report(summary: dict, path: str):
 def _first_divergence(small, wide) -> str:
     """Name where the widened graph stops being the widened copy of the small one."""
     from .localize import localize
+    from .model_io import load_model
 
     try:
-        first = localize(small, wide)
+        first = localize(small, load_model(wide) if isinstance(wide, str) else wide)
     except WidenError:
         return ""
     if not first:

@@ -266,7 +266,7 @@ def test_budget_estimate_matches_the_written_size(tmp_path):
 
 def test_huge_factor_refused_fast_without_planning_at_that_factor():
     t = time.perf_counter()
-    with pytest.raises(WidenError, match=r"factor 10000000 is too large: .*a single ONNX file holds at most 2 GiB") as e:
+    with pytest.raises(WidenError, match=r"factor 10000000 is too large: .*disk needed .* EB") as e:
         widen_file(BERT, "/tmp/never-written.onnx", 10_000_000)
     assert time.perf_counter() - t < 10 and "\n" not in str(e.value)
     assert not os.path.exists("/tmp/never-written.onnx")

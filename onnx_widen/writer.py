@@ -1,0 +1,417 @@
+"""Write a wide model tensor by tensor, without ever holding it whole.
+
+The layout of the file is known before any value is computed (names, dims and types come from
+the plan), so the bytes go out in one sequential pass: the main thread computes the next tensor
+while a writer thread puts the previous one on disk, and at most two wide tensors are alive at
+once. Two forms:
+
+- one .onnx file (a protobuf under 2 GiB): the graph field first, every initializer streamed
+  into it as raw bytes, then the model's other fields (a protobuf message may list its fields in
+  any order). Changing the metadata after validation only rewrites that short tail.
+- external data: the tensors go to a data file beside OUT (offsets of big tensors aligned to
+  64 KiB, so onnxruntime can memory-map them), small ones stay in the .onnx file, which is
+  written last and rewritten when the metadata changes.
+
+Nothing gets OUT's name before `commit()`: a single file is an anonymous file until then (a
+killed run leaves nothing), the external-data pair lives in a hidden temporary folder beside OUT.
+onnxruntime validates what was written, from `runtime_path`, before the commit.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import threading
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from . import model_io
+from .errors import UsageError, WidenError
+
+INLINE_BYTES = 1024  # with external data, smaller tensors stay in the .onnx file (onnx's own default)
+ALIGN = 1 << 16  # offsets of big external tensors: onnxruntime maps aligned data instead of copying it
+ALIGN_MIN = 1 << 20
+PIECE = 1 << 22  # bytes per write call: a stop request is honoured between pieces
+IN_FLIGHT = 2  # wide tensors alive at once: one being written, one being computed
+
+
+# ---- protobuf framing -----------------------------------------------------------------------------
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+GRAPH_FIELD = 7  # ModelProto.graph
+INITIALIZER_FIELD = 5  # GraphProto.initializer
+RAW_DATA_FIELD = 9  # TensorProto.raw_data
+
+
+def _header(p) -> bytes:
+    return _bare_tensor(p).SerializeToString()
+
+
+def _bare_tensor(p) -> TensorProto:
+    t = TensorProto()
+    t.name = p.name
+    t.data_type = p.data_type
+    t.dims.extend(p.dims)
+    return t
+
+
+def _raw(arr: np.ndarray) -> memoryview:
+    arr = np.asarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    if not arr.flags.c_contiguous:
+        arr = arr.copy(order="C")
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def _streamed(p) -> bool:
+    """Written from its values as raw bytes (else: the TensorProto as it is)."""
+    return p.values is not None or model_io.is_external(p.proto)
+
+
+def entry_bytes(p) -> int:
+    """Bytes of the tensor's values (what the progress bar counts)."""
+    return _nbytes(p)
+
+
+def _nbytes(p) -> int:
+    if p.values is None:
+        n = model_io.data_bytes(p.proto)
+        if n is not None:
+            return n
+    return p.nbytes
+
+
+# ---- the writer thread ----------------------------------------------------------------------------
+class _Pipe:
+    """Chunks go to the file in order from a writer thread, so disk writes overlap with the
+    computation of the next tensor (numpy and os.write both release the GIL)."""
+
+    def __init__(self, fd: int, target: str, progress=None):
+        self.fd = fd
+        self.target = target
+        self.progress = progress
+        self.slots = threading.Semaphore(IN_FLIGHT)
+        self.jobs: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="onnx-widen-writer", daemon=True)
+        self.thread.start()
+
+    def reserve(self):
+        self.slots.acquire()
+        self._check()
+
+    def send(self, chunks: list, tensor_done: bool = False):
+        self.jobs.put((chunks, tensor_done))
+
+    def _run(self):
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            chunks, tensor_done = job
+            try:
+                if self.error is None and not self.stop.is_set():
+                    for c in chunks:
+                        self._write(c)
+                    if self.progress is not None:
+                        self.progress(sum(len(c) for c in chunks), tensor_done)
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+            finally:
+                del chunks
+                if tensor_done:
+                    self.slots.release()
+
+    def _write(self, data):
+        view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+        for pos in range(0, len(view), PIECE):
+            if self.stop.is_set():
+                raise InterruptedError("stopped")
+            model_io._write_all(self.fd, view[pos:pos + PIECE])
+
+    def _check(self):
+        if self.error is not None:
+            e = self.error
+            if isinstance(e, OSError):
+                raise WidenError(f"cannot write {self.target}: {e.strerror or e}") from None
+            raise e
+
+    def close(self, ok: bool = True):
+        if not ok:
+            self.stop.set()
+        self.jobs.put(None)
+        self.thread.join()
+        if ok:
+            self._check()
+
+
+def _stream_tensors(pipe: _Pipe, pending, frame):
+    """Compute each pending tensor and send `frame(p, raw)` chunks to the pipe."""
+    for p in pending:
+        pipe.reserve()
+        raw = _raw(p.array()) if _streamed(p) else None
+        pipe.send(frame(p, raw), tensor_done=True)
+
+
+# ---- the two forms --------------------------------------------------------------------------------
+class Written:
+    """A wide model on disk under a temporary name: validate it from `runtime_path`, update its
+    metadata, then `commit()` it to OUT (or `discard()` it)."""
+
+    def __init__(self, out: str, skeleton: onnx.ModelProto, external: str | None):
+        self.out = out
+        self.folder = os.path.dirname(os.path.abspath(out))
+        self.skeleton = skeleton
+        self.external = external
+        self.runtime_path = ""
+        self.bytes_written = 0
+        self._done = False
+
+    def set_metadata(self, key: str, value: str):
+        from .apply import _set_meta
+
+        _set_meta(self.skeleton, key, value)
+        self._write_tail()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self._done:
+            self.discard()
+        return False
+
+
+class SingleFile(Written):
+    """One protobuf file, anonymous (O_TMPFILE) until committed where the OS allows it."""
+
+    def __init__(self, out, skeleton):
+        super().__init__(out, skeleton, None)
+        self.fd = None
+        self.tmp = None  # named temporary (no anonymous files here)
+        self.tail_at = 0
+        if model_io._anonymous_files_work(self.folder) and os.path.isdir("/proc/self/fd"):
+            try:
+                self.fd = os.open(self.folder, os.O_TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o666)
+                self.runtime_path = f"/proc/self/fd/{self.fd}"
+            except (AttributeError, OSError):
+                self.fd = None
+        if self.fd is None:
+            self.tmp = model_io._tmp_name(self.folder)
+            self.fd = os.open(self.tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o666)
+            self.runtime_path = self.tmp
+
+    def write(self, pending, progress=None):
+        graph = onnx.GraphProto()
+        graph.CopyFrom(self.skeleton.graph)
+        graph.ClearField("initializer")
+        head = graph.SerializeToString()
+        headers = {id(p): _header(p) for p in pending if _streamed(p)}
+
+        def entry_size(p):
+            h = headers.get(id(p))
+            if h is None:
+                return len(_len_field(INITIALIZER_FIELD, p.proto.ByteSize())) + p.proto.ByteSize()
+            return len(_entry_prefix(h, _nbytes(p))) + _nbytes(p)
+
+        graph_len = len(head) + sum(entry_size(p) for p in pending)
+        total = len(_len_field(GRAPH_FIELD, graph_len)) + graph_len + len(self._tail())
+        if total > model_io.PROTOBUF_LIMIT:
+            raise WidenError(f"internal error: a {total} byte model cannot be one ONNX file")
+        pipe = _Pipe(self.fd, self.out, progress)
+        ok = False
+        try:
+            pipe.send([_len_field(GRAPH_FIELD, graph_len), head])
+
+            def frame(p, raw):
+                h = headers.get(id(p))
+                if h is None:
+                    body = p.proto.SerializeToString()
+                    return [_len_field(INITIALIZER_FIELD, len(body)), body]
+                return [_entry_prefix(h, len(raw)), raw]
+
+            _stream_tensors(pipe, pending, frame)
+            ok = True
+        finally:
+            pipe.close(ok)
+        self.tail_at = len(_len_field(GRAPH_FIELD, graph_len)) + graph_len
+        self.bytes_written = self.tail_at
+        self._write_tail()
+        return self
+
+    def _tail(self) -> bytes:
+        """Every field of the model but the graph."""
+        rest = onnx.ModelProto()
+        rest.CopyFrom(self.skeleton)
+        rest.ClearField("graph")
+        return rest.SerializeToString()
+
+    def _write_tail(self):
+        if not self.tail_at:
+            return
+        os.ftruncate(self.fd, self.tail_at)
+        os.lseek(self.fd, self.tail_at, os.SEEK_SET)
+        model_io._write_all(self.fd, self._tail())
+
+    def commit(self):
+        try:
+            os.fsync(self.fd)
+            if self.tmp is None:
+                tmp = model_io._tmp_name(self.folder)
+                model_io._give_name(self.fd, tmp)
+                self.tmp = tmp
+            os.replace(self.tmp, self.out)
+            self.tmp = None
+        except OSError as e:
+            raise WidenError(f"cannot write {self.out}: {e.strerror or e}") from None
+        finally:
+            self._close()
+        model_io._fsync_dir(self.folder)
+        self._done = True
+
+    def discard(self):
+        self._close()
+        if self.tmp is not None and os.path.lexists(self.tmp):
+            os.unlink(self.tmp)
+        self.tmp = None
+        self._done = True
+
+    def _close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _entry_prefix(header: bytes, nbytes: int) -> bytes:
+    """Initializer field, the TensorProto's own fields, then the raw_data field's tag and length:
+    the raw bytes follow."""
+    raw_tag = _len_field(RAW_DATA_FIELD, nbytes)
+    return _len_field(INITIALIZER_FIELD, len(header) + len(raw_tag) + nbytes) + header + raw_tag
+
+
+class ExternalData(Written):
+    """A .onnx file and its data file NAME, built in a hidden folder beside OUT and moved to OUT's
+    folder on commit."""
+
+    def __init__(self, out, skeleton, name):
+        super().__init__(out, skeleton, name)
+        self.tmpdir = model_io._tmp_name(self.folder)
+        os.mkdir(self.tmpdir)
+        self.runtime_path = os.path.join(self.tmpdir, os.path.basename(out))
+        self.data_path = os.path.join(self.tmpdir, name)
+        self.initializers = []  # headers pointing into the data file, and the small inline tensors
+
+    def write(self, pending, progress=None):
+        fd = os.open(self.data_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
+        offset = 0
+        inline = [p for p in pending if _nbytes(p) < INLINE_BYTES or not _streamed(p) and p.proto.data_type == TensorProto.STRING]
+        inline_ids = {id(p) for p in inline}
+        pipe = _Pipe(fd, self.out, progress)
+        ok = False
+        try:
+            for p in pending:
+                if id(p) in inline_ids:
+                    self.initializers.append(p.tensor())
+                    continue
+                n = _nbytes(p)
+                pad = (-offset) % ALIGN if n >= ALIGN_MIN else 0
+                t = _bare_tensor(p)
+                t.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", self.external), ("offset", str(offset + pad)), ("length", str(n))):
+                    t.external_data.add(key=key, value=value)
+                self.initializers.append(t)
+                pipe.reserve()
+                raw = _raw(p.array())
+                if len(raw) != n:
+                    raise WidenError(f"internal error: tensor {p.name!r} has {len(raw)} bytes, planned {n}")
+                pipe.send([bytes(pad), raw] if pad else [raw], tensor_done=True)
+                offset += pad + n
+            ok = True
+        finally:
+            pipe.close(ok)
+            if ok:
+                os.fsync(fd)
+            os.close(fd)
+        self.bytes_written = offset
+        self._write_tail()
+        return self
+
+    def _write_tail(self):
+        header = onnx.ModelProto()
+        header.CopyFrom(self.skeleton)
+        header.graph.initializer.extend(self.initializers)
+        with open(self.runtime_path, "wb") as f:
+            f.write(model_io.serialize(header))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def commit(self):
+        try:
+            os.replace(self.data_path, os.path.join(self.folder, self.external))
+            os.replace(self.runtime_path, self.out)
+            os.rmdir(self.tmpdir)
+        except OSError as e:
+            raise WidenError(f"cannot write {self.out}: {e.strerror or e}") from None
+        model_io._fsync_dir(self.folder)
+        self._done = True
+
+    def discard(self):
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        self._done = True
+
+
+# ---- choosing the form ----------------------------------------------------------------------------
+def default_data_name(out: str) -> str:
+    return os.path.basename(out) + ".data"
+
+
+def check_data_name(name: str, out: str, input_files=()):
+    """NAME is a plain file name beside OUT, neither OUT itself nor a file the input reads."""
+    if not name or os.path.basename(name) != name or name in (".", ".."):
+        raise UsageError(f"--external-data expects a file name (it is written beside OUT), got {name!r}")
+    folder = os.path.dirname(os.path.abspath(out))
+    full = os.path.join(folder, name)
+    if os.path.realpath(full) == os.path.realpath(out):
+        raise UsageError(f"external data file {name!r} is the output file; choose another name")
+    if os.path.isdir(full):
+        raise UsageError(f"external data file {full} is a directory")
+    for f in input_files:
+        if os.path.exists(full) and os.path.exists(f) and os.path.samefile(full, f):
+            raise UsageError(f"external data file {name!r} is the input's data file; choose another name")
+
+
+def estimate_size(skeleton: onnx.ModelProto, pending) -> int:
+    """Bytes of the single-file form."""
+    return skeleton.ByteSize() + sum(_nbytes(p) + 64 + len(p.name) + 10 * len(p.dims) for p in pending)
+
+
+def write(skeleton: onnx.ModelProto, pending, out: str, external: str | None = None, progress=None) -> Written:
+    """Write the model under a temporary name. `external`: the data file's name, or None for one
+    file (a model that cannot be one file gets OUT's name + '.data')."""
+    if external is None and estimate_size(skeleton, pending) > model_io.PROTOBUF_LIMIT - (1 << 20):
+        external = default_data_name(out)
+    w = ExternalData(out, skeleton, external) if external else SingleFile(out, skeleton)
+    try:
+        return w.write(pending, progress)
+    except BaseException:
+        w.discard()
+        raise
