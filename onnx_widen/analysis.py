@@ -26,6 +26,7 @@ class ParamUse:
     log_factor: dict  # tensor -> coef; factor = exp(sum coef * s_tensor + const)
     const: object = 0.0  # float, or a Term the plan evaluates (a rewritten attribute's ratio)
     role: str = ""
+    terms: tuple = ()  # scales.Term: factors the plan knows (a norm's statistic ratio)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class AttrUse:
     node: onnx.NodeProto
     attr: str
     log_factor: dict
+    terms: tuple = ()
 
 
 @dataclass
@@ -92,7 +94,9 @@ class Analysis:
         self.linears: list[tuple] = []  # (input Sym | None, output Sym | None) of every linear layer
         self.scale_consts: list[dict] = []  # attention scale constants and their exponent of head size
         self.uncovered: list[tuple] = []
-        self.uniform_required: list[tuple] = []  # (Sym, norm node): normalised axes need even copies, no zeros
+        # (Sym, norm node, "rms" | "centred"): normalised axes need even copies; zero units only
+        # under RMSNorm, mean units only under LayerNorm (WIDENING.md, Non-integer factors)
+        self.norms: list[tuple] = []
         self.identity_required: list[tuple] = []  # (Sym, node, untracked input) that must keep their size
 
     # ---- queries used by patterns ----------------------------------------------------------
@@ -133,8 +137,8 @@ class Analysis:
     def claim(self, node, pattern: str):
         self.claims[self.name(node)] = pattern
 
-    def param(self, name, node, axes, log_factor, read_axes=(), role="", const=0.0):
-        self.params.append(ParamUse(name, node, tuple(axes), frozenset(read_axes), dict(log_factor), const, role))
+    def param(self, name, node, axes, log_factor, read_axes=(), role="", const=0.0, terms=()):
+        self.params.append(ParamUse(name, node, tuple(axes), frozenset(read_axes), dict(log_factor), const, role, tuple(terms)))
 
     def new_sym(self, size: int, node, tags=()):
         return D.Sym(size, self.name(node), tags)

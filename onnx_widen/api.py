@@ -54,10 +54,11 @@ def build_plan(model, options: plan_mod.Options):
     return plan
 
 
-def widen(model_or_path, factor: int = 2, residual: str = "repeat", rope: str = "spread", heads: str = "keep",
-          kv_heads: str = "tile", ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0, depth: int = 0,
+def widen(model_or_path, factor: int | None = None, residual: str = "repeat", rope: str = "spread", heads: str = "keep",
+          kv_heads: str = "tile", ffn_factor: int | None = None, noise: float = 0.0, seed: int = 0,
+          hidden: int | None = None, ffn_size: int | None = None, num_heads: int | None = None, depth: int = 0,
           depth_at=None, allow_approximate: bool = False) -> onnx.ModelProto:
-    """Return the widened model (hidden, FFN and head size times `factor`) computing the same function.
+    """Return the widened model (hidden, FFN and head size times `factor`, default 2) computing the same function.
 
     residual: "repeat" (canonical) or "orthogonal" (the post's R(x)/sqrt(k), eps/k).
     rope: "spread" (the wide config's own frequencies) or "remap" (repeated frequencies).
@@ -65,13 +66,18 @@ def widen(model_or_path, factor: int = 2, residual: str = "repeat", rope: str = 
     kv_heads (with heads="grow"): "tile" (kv heads times factor) or "keep" (query copies interleaved).
     ffn_factor: the FFN inner size's own factor (default: factor); factor=1 with ffn_factor>1 widens the FFN only.
     noise, seed: exact symmetry-breaking noise (relative std) on weights that read copied units.
+    hidden, ffn_size, num_heads: target sizes, any count (hidden replaces factor; what is not named keeps
+    its size): RMSNorm models zero-pad the residual stream, pre-norm LayerNorm models average-expand it
+    (epsilons change, see the notes), post-norm LayerNorm is refused unless allow_approximate (then the
+    result is approximate, marked so in its metadata). num_heads keeps the head size (RoPE needs it).
     depth, depth_at: insert `depth` pre-norm blocks per stack (after blocks `depth_at`, 1-based; default evenly
     spaced), each a copy of the block before it with zero output projections (factor=1 deepens only);
-    allow_approximate: with noise, those projections get noise too (the function then changes slightly)."""
+    with noise and allow_approximate, those projections get noise too (the function then changes slightly)."""
     model = load_model(model_or_path) if not isinstance(model_or_path, onnx.ModelProto) else model_or_path
     p = build_plan(model, plan_mod.Options(factor=factor, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads,
-                                           ffn_factor=ffn_factor, noise=noise, seed=seed, depth=depth,
-                                           depth_at=tuple(depth_at) if depth_at else None, allow_approximate=allow_approximate))
+                                           ffn_factor=ffn_factor, noise=noise, seed=seed, hidden=hidden, ffn_size=ffn_size,
+                                           num_heads=num_heads, depth=depth, depth_at=tuple(depth_at) if depth_at else None,
+                                           allow_approximate=allow_approximate))
     return apply(p)
 
 

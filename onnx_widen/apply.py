@@ -112,9 +112,10 @@ def rewrite(plan: Plan) -> tuple[onnx.ModelProto, list]:
                 a.CopyFrom(helper.make_attribute(attr_name, value))  # float, int or ints, as planned
     _rewrite_signature(plan, graph)
     graph.ClearField("value_info")
-    options = plan.opts.record()
+    options = plan.opts.to_json()
     depth = {"depth": plan.depth} if plan.depth else {}
-    _set_meta(model, MAPPING_KEY, json.dumps({"version": 1, **options, "options": options, "tensors": plan.io, **depth}))
+    _set_meta(model, MAPPING_KEY, json.dumps({"version": 1, **options, "options": options, "approximate": plan.approximate,
+                                              "tensors": plan.io, **depth}))
     return model, pending
 
 

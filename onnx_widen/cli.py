@@ -68,23 +68,29 @@ def main_group(ctx, debug):
 @main_group.command()
 @click.argument("source", metavar="IN")
 @click.option("-o", "--output", "out", required=True, metavar="OUT", help="Where to write the widened model.")
-@click.option("--factor", "-k", default="2", show_default=True, help="Integer factor for hidden, FFN and head size.")
+@click.option("--factor", "-k", default=None, help="Integer factor for hidden, FFN and head size  [default: 2].")
+@click.option("--hidden", default=None, metavar="N", help="Target hidden size, any count (instead of --factor); "
+              "what is not named keeps its size.")
 @click.option("--residual-scale", type=click.Choice(["repeat", "orthogonal"]), default="repeat", show_default=True,
               help="repeat: canonical (eps kept); orthogonal: the post's R(x)/sqrt(k) with eps/k.")
 @click.option("--ffn-factor", "ffn_factor", default=None, help="Integer factor for the FFN inner size (default: --factor).")
+@click.option("--ffn-size", "ffn_size", default=None, metavar="N", help="Target FFN inner size, any count (instead of --ffn-factor).")
 @click.option("--noise", type=float, default=0.0, show_default=True,
               help="Exact symmetry-breaking noise (relative std) on weights that read copied units.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --noise.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --noise (and of --allow-approximate's choice).")
 @click.option("--rope", type=click.Choice(["spread", "remap"]), default="spread", show_default=True,
               help="spread: old pair j at new pair K*j, the wide config's frequencies; remap: repeat the frequencies.")
-@click.option("--heads", "heads", type=click.Choice(["keep", "grow"]), default="keep", show_default=True,
-              help="keep: head size times K; grow: K times the heads, each a copy (head size, softmax scale, RoPE kept).")
+@click.option("--heads", "heads", default="keep", show_default=True, metavar="keep|grow|N",
+              help="keep: head size times K; grow: K times the heads, each a copy (head size, softmax scale, RoPE kept); "
+                   "N: that many heads, head size kept.")
 @click.option("--kv-heads", "kv_heads", type=click.Choice(["tile", "keep"]), default="tile", show_default=True,
-              help="With --heads grow under GQA: tile kv heads K times, or keep them and interleave query copies.")
+              help="With --heads grow|N under GQA: grow kv heads with their groups, or keep them and grow the query copies.")
 @click.option("--depth", "depth", type=click.IntRange(min=0), default=0, show_default=True,
               help="Insert D pre-norm blocks (per stack), each a copy of the block before it with zero output projections.")
 @click.option("--depth-at", "depth_at", default=None, metavar="P,Q", help="Insert the new blocks after these blocks (1-based; default: evenly spaced).")
-@click.option("--allow-approximate", is_flag=True, help="With --noise: noise on the new blocks' output projections too (function changes; error reported).")
+@click.option("--allow-approximate", is_flag=True,
+              help="Accept an approximate result and report its error: post-norm LayerNorm with --hidden (a random choice "
+                   "of units), or --depth with --noise (noise on the new blocks' output projections).")
 @click.option("--no-validate", is_flag=True, help="Skip the onnxruntime check (not recommended).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every rewritten constant, small and wide shape); write nothing.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -92,27 +98,28 @@ def main_group(ctx, debug):
 @click.option("--external-data", "external_data", default=None, metavar="NAME",
               help="Write the weights to the file NAME beside OUT (automatic, as OUT.data, over 2 GiB).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
-def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, heads, kv_heads, depth, depth_at, allow_approximate,
-          no_validate, dry_run, provider, report_path, external_data, quiet):
-    """Widen IN by --factor and write OUT, after checking it computes the same function.
+def widen(source, out, factor, hidden, residual_scale, ffn_factor, ffn_size, noise, seed, rope, heads, kv_heads, depth, depth_at,
+          allow_approximate, no_validate, dry_run, provider, report_path, external_data, quiet):
+    """Widen IN by --factor (or to --hidden / --ffn-size / --heads N) and write OUT, after checking it
+    computes the same function.
 
     IN may be a folder of exports of one model (encoder, decoder, decoder with past, config.json):
     every file is widened by the same rules and OUT is that folder, widened."""
-    from .workflow import widen_file, write_report
+    from .workflow import validation_failed, widen_file, write_report
 
-    f = _parse_factor(ffn_factor, "--ffn-factor", 1) if ffn_factor is not None else None
     at = _parse_positions(depth_at)
-    k = _parse_factor(factor, minimum=1 if (f and f > 1) or depth or at else 2)
-    grow = dict(depth=depth, depth_at=at, allow_approximate=allow_approximate)
+    kw = _growth_options(factor, hidden, ffn_factor, ffn_size, heads, deepens=bool(depth or at))
+    kw.update(residual=residual_scale, rope=rope, kv_heads=kv_heads, noise=noise, seed=seed, allow_approximate=allow_approximate,
+              depth=depth, depth_at=at)
     if dry_run:
-        return _print_plan(source, k, f, residual_scale, rope, heads, kv_heads, noise, seed, report_path, quiet, grow)
+        return _print_plan(source, kw, report_path, quiet)
+    k = kw.pop("factor")
     if os.path.isdir(source):
         if external_data is not None:
             raise UsageError("--external-data names one file; a folder's models each get their own (MODEL.onnx.data) when over 2 GiB")
         from .folder import widen_folder
 
-        summary = widen_folder(source, out, k, residual=residual_scale, validate=not no_validate, provider=provider, rope=rope,
-                               heads=heads, kv_heads=kv_heads, ffn_factor=f, noise=noise, seed=seed, **grow)
+        summary = widen_folder(source, out, k, validate=not no_validate, provider=provider, **kw)
         if report_path:
             write_report(summary, report_path)
         console = _console(quiet)
@@ -120,13 +127,12 @@ def widen(source, out, factor, residual_scale, ffn_factor, noise, seed, rope, he
             _print_widen(s, console)
         return
     with _progress(not quiet) as progress:
-        summary = widen_file(source, out, k, residual_scale, validate=not no_validate, provider=provider, rope=rope,
-                             heads=heads, kv_heads=kv_heads, ffn_factor=f, noise=noise, seed=seed, report=report_path,
-                             external_data=external_data, progress=progress, **grow)
+        summary = widen_file(source, out, k, validate=not no_validate, provider=provider, report=report_path,
+                             external_data=external_data, progress=progress, **kw)
     if report_path:
         write_report(summary, report_path)
     _print_widen(summary, _console(quiet))
-    if summary["validation"] is not None and not summary["validation"]["ok"]:
+    if validation_failed(summary):
         raise WidenError(f"validation failed: {summary['validation_failure']}; nothing written")
 
 
@@ -164,7 +170,27 @@ def _progress(enabled: bool):
         bar.stop()
 
 
-def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, report_path, quiet, grow=None):
+def _growth_options(factor, hidden, ffn_factor, ffn_size, heads, deepens=False) -> dict:
+    """--factor / --ffn-factor / --heads grow and the target sizes, checked against each other."""
+    for a, b, x, y in (("--hidden", "--factor", hidden, factor), ("--ffn-size", "--ffn-factor", ffn_size, ffn_factor)):
+        if x is not None and y is not None:
+            raise UsageError(f"{a} and {b} are mutually exclusive (a target size or a factor)")
+    out = {"hidden": _parse_factor(hidden, "--hidden", 1) if hidden is not None else None,
+           "ffn_size": _parse_factor(ffn_size, "--ffn-size", 1) if ffn_size is not None else None}
+    f = _parse_factor(ffn_factor, "--ffn-factor", 1) if ffn_factor is not None else None
+    if heads in ("keep", "grow"):
+        out["heads"], out["num_heads"] = heads, None
+    else:
+        out["heads"], out["num_heads"] = "keep", _parse_factor(heads, "--heads (keep, grow or a head count)", 1)
+    targets = any(out[t] is not None for t in ("hidden", "ffn_size", "num_heads"))
+    if factor is not None:
+        k = _parse_factor(factor, minimum=1 if (f and f > 1) or targets or deepens else 2)
+    else:
+        k = None if targets else 2
+    return {**out, "factor": k, "ffn_factor": f}
+
+
+def _print_plan(source, kw, report_path, quiet):
     from rich.table import Table
 
     from .api import build_plan
@@ -172,8 +198,7 @@ def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, repo
     from .plan import Options
     from .report import plan_rows
 
-    plan = build_plan(load_model(source), Options(factor=k, residual=residual, rope=rope, heads=heads, kv_heads=kv_heads,
-                                                  ffn_factor=f, noise=noise, seed=seed, **(grow or {})))
+    plan = build_plan(load_model(source), Options(**kw))
     rows = plan_rows(plan)
     if report_path:
         with open(report_path, "w") as fh:
@@ -196,7 +221,9 @@ def _print_plan(source, k, f, residual, rope, heads, kv_heads, noise, seed, repo
 def _print_widen(s, console):
     from rich.table import Table
 
-    console.print(f"[bold]{s['input']}[/] -> [bold]{s['output']}[/]  factor {s['factor']}  residual {s['residual']}")
+    targets = "".join(f"  {k.replace('_', ' ')} {s[k]}" for k in ("hidden", "ffn_size", "num_heads") if s.get(k) is not None)
+    console.print(f"[bold]{s['input']}[/] -> [bold]{s['output']}[/]  factor {s['factor']}{targets}  residual {s['residual']}"
+                  + ("  [yellow]approximate[/]" if s.get("approximate") else ""))
     console.print("matched: " + ", ".join(f"{k} x{v}" for k, v in sorted(s["matched"].items())))
     console.print(f"parameters: {s['params_before']:,} -> {s['params_after']:,}")
     if s.get("depth"):
@@ -240,7 +267,7 @@ def inspect(source, as_json, plan_factor):
     if an.uncovered:
         sys.exit(1)
     if plan_factor is not None and not as_json:
-        _print_plan(source, _parse_factor(plan_factor), None, "repeat", "spread", "keep", "tile", 0.0, 0, None, False)
+        _print_plan(source, {"factor": _parse_factor(plan_factor)}, None, False)
 
 
 def _print_inspect(d, console):
@@ -301,6 +328,10 @@ def validate(small, wide, factor, shape_items, atol, rtol, provider, as_json, lo
         for o in res.outputs:
             t.add_row(o.name, "x".join(map(str, o.shape)), f"{o.max_abs:.3g}", f"{o.max_rel:.3g}", "yes" if o.ok else "[red]NO[/]")
         _console().print(t)
+    if not res.ok and _approximate(wide):
+        if not as_json:
+            _console().print("approximate model (widened with --allow-approximate): the error is reported, not checked")
+        return
     if not res.ok:
         bad = [o.name for o in res.outputs if not o.ok]
         where = ""
@@ -313,6 +344,14 @@ def validate(small, wide, factor, shape_items, atol, rtol, provider, as_json, lo
                 where = (f"; first divergence at tensor {first['tensor']!r} from node {first['node']!r} ({first['op']}, "
                          f"pattern {first['pattern']}): {first.get('error') or format(first['max_rel'], '.3g') + ' relative error'}")
         raise WidenError(f"outputs differ beyond tolerance: {', '.join(bad)}{where}")
+
+
+def _approximate(path) -> bool:
+    import onnx
+
+    from .apply import read_mapping
+
+    return bool((read_mapping(onnx.load(path, load_external_data=False)) or {}).get("approximate"))
 
 
 class Terminated(BaseException):

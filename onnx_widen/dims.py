@@ -221,8 +221,16 @@ def leaves(sym: Sym) -> list[Sym]:
     return [leaf for f in children for leaf in leaves(f)]
 
 
+# Wide units that copy no small unit: a zero unit holds 0 in every tensor on the axis (RMSNorm
+# zero-padding); a mean unit holds the mean of the small units in every tensor written onto the
+# axis (LEMON's average expansion under LayerNorm). Readers give both zero weight.
+ZERO = -1
+MEAN = -2
+
+
 class Layout:
-    """How a small axis becomes a wide one: `src[j]` is the small index copied to wide index j."""
+    """How a small axis becomes a wide one: `src[j]` is the small index copied to wide index j
+    (ZERO or MEAN for a unit that copies none)."""
 
     __slots__ = ("src", "small", "copies", "key")
 
@@ -252,6 +260,40 @@ class Layout:
         return Layout((np.repeat(np.arange(h), k)[:, None] * block + np.arange(block)[None, :]).ravel(), n)
 
     @staticmethod
+    def stretch(n: int, wide: int) -> "Layout":
+        """Every unit copied once or more, copies consecutive and spread evenly over the axis
+        (src[j] = j*n // wide): the plain repeat when wide = k*n, any count otherwise."""
+        return Layout(np.arange(wide) * n // wide, n)
+
+    @staticmethod
+    def pad(n: int, wide: int, fill: int = ZERO) -> "Layout":
+        """The small units first, then wide - n units that copy none (ZERO or MEAN)."""
+        return Layout(np.concatenate([np.arange(n), np.full(wide - n, fill)]), n)
+
+    @staticmethod
+    def choice(n: int, wide: int, seed: int) -> "Layout":
+        """The small units first, then copies of a fixed random choice of them (bert2BERT /
+        Net2Net style; uneven copies, so only approximate under a norm)."""
+        rng = np.random.default_rng([seed, n, wide])
+        extra = wide - n
+        more = np.concatenate([np.tile(np.arange(n), extra // n), np.sort(rng.choice(n, extra % n, replace=False))])
+        return Layout(np.concatenate([np.arange(n), more]), n)
+
+    @property
+    def has_mean_units(self) -> bool:
+        return bool((self.src == MEAN).any())
+
+    @property
+    def even(self) -> bool:
+        """Every small unit has the same number of copies."""
+        return self.copies.min() == self.copies.max()
+
+    def statistic_ratio(self) -> float:
+        """mean over the wide axis / mean over the small one, for a per-unit quantity that is
+        zero on units copying none (a square, a centred square): sum(copies) / wide."""
+        return float(self.copies.sum()) / self.wide
+
+    @staticmethod
     def spread(n: int, k: int) -> "Layout":
         """Unit j at wide position k*j, the other positions zero (RoPE pairs at the wide frequencies)."""
         src = np.full(n * k, -1, dtype=np.int64)
@@ -262,7 +304,7 @@ class Layout:
     def concat(parts: list["Layout"]) -> "Layout":
         srcs, off = [], 0
         for p in parts:
-            srcs.append(np.where(p.src < 0, -1, p.src + off))
+            srcs.append(np.where(p.src < 0, p.src, p.src + off))
             off += p.small
         return Layout(np.concatenate(srcs), off)
 
@@ -271,6 +313,8 @@ class Layout:
         src = np.zeros(1, dtype=np.int64)
         small = 1
         for p in parts:
+            if (src == MEAN).any() or (p.src == MEAN).any():
+                raise WidenError("an average-expanded dimension (mean units) cannot be split into factors")
             combined = src[:, None] * p.small + p.src[None, :]
             dead = (src[:, None] < 0) | (p.src[None, :] < 0)  # a zero unit stays zero
             src = np.where(dead, -1, combined).ravel()

@@ -18,27 +18,50 @@ FFN_KEYS = ("intermediate_size", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_
 DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
 
 
-def widen_config(config: dict, factor: int, ffn_factor: int | None = None, heads: str = "keep", kv_heads: str = "tile",
-                 depth: int = 0) -> dict:
+HEAD_KEYS = ("num_attention_heads", "num_heads", "n_head")
+KV_HEAD_KEYS = ("num_key_value_heads",)
+HEAD_SIZE_KEYS = ("head_dim", "d_kv")
+
+
+def widen_config(config: dict, factor: int | None = None, ffn_factor: int | None = None, heads: str = "keep",
+                 kv_heads: str = "tile", hidden: int | None = None, ffn_size: int | None = None,
+                 num_heads: int | None = None, depth: int = 0) -> dict:
+    """The config of the widened model: the same growth as the plan (plan.Options), read as ratios
+    of the config's own sizes; a target size is written as given."""
+    from fractions import Fraction
+
     out = dict(config)
     for key in DEPTH_KEYS:
         if depth and isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
             out[key] = out[key] + depth
-    for key in WIDTH_KEYS:
-        if isinstance(out.get(key), int) and not (heads == "grow" and key in ("head_dim", "d_kv")):
-            out[key] = out[key] * factor
-    for key in FFN_KEYS:
-        if isinstance(out.get(key), int):
-            out[key] = out[key] * (factor if ffn_factor is None else ffn_factor)
-    if heads == "grow":
-        for key in ("num_attention_heads", "num_heads", "n_head") + (("num_key_value_heads",) if kv_heads == "tile" else ()):
-            if isinstance(out.get(key), int):
-                out[key] = out[key] * factor
+    factor = factor if factor is not None else (1 if any(v is not None for v in (hidden, ffn_size, num_heads)) else 2)
+
+    def first(keys):
+        return next((out[k] for k in keys if isinstance(out.get(k), int) and out[k] > 0), None)
+
+    if "n_inner" in out and out["n_inner"] is None and isinstance(out.get("n_embd"), int):
+        out["n_inner"] = 4 * out["n_embd"]  # GPT-2 style: None means 4 x n_embd, which need not hold once widened
+    base = first(WIDTH_KEYS[:3] + ("dim",))
+    r_hidden = Fraction(hidden, base) if hidden is not None and base else Fraction(factor)
+    n_ffn = first(FFN_KEYS)
+    r_ffn = Fraction(ffn_size, n_ffn) if ffn_size is not None and n_ffn else Fraction(factor if ffn_factor is None else ffn_factor)
+    n_heads = first(HEAD_KEYS)
+    grow = num_heads is not None or heads == "grow"
+    r_heads = Fraction(num_heads, n_heads) if num_heads is not None and n_heads else Fraction(factor if grow else 1)
+
+    def scale(keys, r):
+        for key in keys:
+            if isinstance(out.get(key), int) and (out[key] * r).denominator == 1:
+                out[key] = int(out[key] * r)
+
+    scale([k for k in WIDTH_KEYS if not (grow and k in HEAD_SIZE_KEYS)], r_hidden)
+    scale(FFN_KEYS, r_ffn)
+    scale(HEAD_KEYS + (KV_HEAD_KEYS if kv_heads == "tile" else ()), r_heads)
     return out
 
 
 def widen_folder(source: str, out: str, factor: int, **kw) -> dict:
-    from .workflow import widen_file
+    from .workflow import validation_failed, widen_file
 
     if not os.path.isdir(source):
         raise UsageError(f"{source}: not a folder")
@@ -57,7 +80,7 @@ def widen_folder(source: str, out: str, factor: int, **kw) -> dict:
     try:
         for name in models:
             s = widen_file(os.path.join(source, name), os.path.join(tmp, name), factor, **kw)
-            if s.get("validation") is not None and not s["validation"]["ok"]:
+            if validation_failed(s):
                 raise WidenError(f"{name}: validation failed ({s.get('validation_failure')}); nothing written")
             summaries[name] = s
         for name in os.listdir(source):
@@ -70,7 +93,7 @@ def widen_folder(source: str, out: str, factor: int, **kw) -> dict:
                 with open(os.path.join(tmp, name), "w") as f:
                     added = kw.get("depth") or len(kw.get("depth_at") or ())
                     json.dump(widen_config(cfg, factor, kw.get("ffn_factor"), kw.get("heads", "keep"), kw.get("kv_heads", "tile"),
-                                           added), f, indent=2)
+                                           kw.get("hidden"), kw.get("ffn_size"), kw.get("num_heads"), added), f, indent=2)
             else:
                 shutil.copy2(src, os.path.join(tmp, name))
         if os.path.isdir(out):

@@ -31,7 +31,7 @@ def localize(small: onnx.ModelProto, wide: onnx.ModelProto, atol: float = ATOL, 
     meta = read_mapping(wide)
     if meta is None:
         raise WidenError("the wide model has no onnx_widen.mapping metadata: cannot tell its intermediate layouts")
-    opts = plan_mod.Options(**{k: meta[k] for k in ("factor", "residual", "rope", "heads", "kv_heads", "ffn_factor", "noise", "seed") if k in meta})
+    opts = plan_mod.Options.from_json(meta)
     plan = build_plan(small, opts)
     an = plan.an
     wide_names = {o for n in wide.graph.node for o in n.output}

@@ -9,7 +9,10 @@ import math
 
 import numpy as np
 
-from .dims import Layout
+from fractions import Fraction
+
+from .dims import MEAN, ZERO, Layout
+from .errors import WidenError
 
 # "Two ways to carry the residual stream": plain repeat R(x) (default, canonical) or R(x)/sqrt(k).
 RESIDUAL_SCHEMES = ("repeat", "orthogonal")
@@ -25,11 +28,19 @@ def output_log_scale(k: int) -> float:
     return -0.5 * math.log(k)
 
 
+# A LayerNorm's own parameters are zero on mean units, like a reader's rows (their copies are 1):
+# the norm's new outputs are then exactly zero.
+NORM_PARAMS = ("gamma", "beta")
+CENTRED_NORM_OPS = ("LayerNormalization", "SkipLayerNormalization")
+
+
 def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np.ndarray:
     """Linear layer rule W~[i, j] = c / (a * k_in) * W[i // k_in, j // k_out], in general form:
     copy every axis by its layout, divide each axis that is summed against a widened input by
     the copies of its unit, and multiply by the scale factor c / a (or c for biases, gains, tables).
-    Units placed as zeros (src = -1) stay zero.
+    Units placed as zeros (src = ZERO) stay zero. Mean units (src = MEAN, LEMON's average
+    expansion) take the mean of the small units on an axis that is written (a table's width, a
+    writer's output, a bias) and zero on an axis that is read.
 
     The arithmetic is done on the small tensor, then copied: a copy does not change a value, so
     this is the same float result with k**2 times less arithmetic, and the wide tensor is made
@@ -51,11 +62,13 @@ def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np
             small = small / np.where(copies > 0, copies, 1).reshape(shape).astype(small.dtype)
     if factor != 1.0:
         small = small * small.dtype.type(factor)
-    return expand(contiguous(small), layouts)
+    mean_axes = {a for a, lay in enumerate(layouts) if lay is not None and lay.has_mean_units and a not in read_axes}
+    return expand(contiguous(small), layouts, mean_axes)
 
 
-def expand(small: np.ndarray, layouts: list) -> np.ndarray:
-    """Copy every axis of `small` by its layout (zeros where src = -1)."""
+def expand(small: np.ndarray, layouts: list, mean_axes=()) -> np.ndarray:
+    """Copy every axis of `small` by its layout (zeros where src = ZERO, and where src = MEAN
+    unless the axis is in mean_axes: there the mean of the small units)."""
     repeats = [_plain_repeat(lay, n) for lay, n in zip(layouts, small.shape)]
     if all(r is not None for r in repeats):
         # [n0, r0, n1, r1, ...] <- small[:, None, :, None, ...]: one write per output element.
@@ -68,9 +81,14 @@ def expand(small: np.ndarray, layouts: list) -> np.ndarray:
         if lay is None or lay.identity:
             continue
         src = lay.src
+        before = out
         out = np.take(out, np.where(src < 0, 0, src), axis=axis)
         if (src < 0).any():
             np.moveaxis(out, axis, 0)[src < 0] = 0
+            if axis in mean_axes:
+                # Average expansion: what writes the axis writes the mean of its small outputs there.
+                mean = np.moveaxis(before.mean(axis=axis, keepdims=True, dtype=np.float64), axis, 0)[0]
+                np.moveaxis(out, axis, 0)[src == MEAN] = mean.astype(out.dtype)
     return out
 
 
@@ -114,6 +132,15 @@ def ml_finfo(dtype):
         import ml_dtypes
 
         return ml_dtypes.finfo(dtype)
+
+
+def norm_statistic_log(lay: Layout) -> float:
+    """LayerNorm / RMSNorm over an axis whose units copy the small ones evenly (c copies), with
+    zero units (RMSNorm) or mean units (LayerNorm: they sit at the mean, so their centred value
+    is zero) besides: the variance (mean square) is the small one times rho = sum(copies)/wide.
+    Exact with eps * rho and gamma * sqrt(rho) (WIDENING.md, Non-integer factors: d/D); rho = 1
+    for a plain repeat."""
+    return math.log(lay.statistic_ratio())
 
 
 def canonical_scale_constant(head_size_wide: int, exponent: float) -> float:
@@ -178,6 +205,77 @@ def layout_for(tags: set, size: int, k: int, rope: str = "spread", heads: str = 
     if tags & {"rotary", "spread"} and rope == "spread":
         return Layout.spread(size, k)
     return Layout.repeat(size, k)
+
+
+# ---- non-integer growth (WIDENING.md, Non-integer factors; Growing heads) -----------------------
+def grown(size: int, ratio: Fraction, what: str) -> int:
+    """The wide size of a dimension that grows by `ratio`; it must come out whole."""
+    wide = size * ratio
+    if wide.denominator != 1:
+        raise WidenError(f"{what} of size {size} cannot grow by {ratio}: {float(wide):g} is not a whole number")
+    return int(wide)
+
+
+def head_count_layout(tags: set, size: int, ratio: Fraction, kv_heads: str) -> Layout:
+    """Head-count growth by any ratio: each new head a copy of an old one (softmax scale and head
+    size kept). Under GQA the query heads are kv heads x copies: "tile" grows the kv heads (each
+    new kv head brings its whole group of query heads, so the grouping stays consistent), "keep"
+    grows the query copies of every kv head."""
+    if "copies" in tags:
+        r = ratio if kv_heads == "keep" else Fraction(1)
+        why = "query heads per kv head (--kv-heads keep): the new head count must be a multiple of the kv head count"
+    elif "kv_heads" in tags:
+        r = Fraction(1) if kv_heads == "keep" else ratio
+        why = "kv heads (--kv-heads tile grows them with their groups of query heads); try --kv-heads keep"
+    else:
+        r, why = ratio, "heads"
+    if (size * r).denominator != 1:
+        raise WidenError(f"head count: {size} {why}; growing by {r} gives {float(size * r):g}, not a whole number")
+    return Layout.stretch(size, int(size * r))
+
+
+def ffn_layout(size: int, ratio: Fraction) -> Layout:
+    """FFN units grow by any count: copies spread evenly, the down projection divides each copied
+    unit's outgoing weights among its copies (widen_tensor's read-axis rule)."""
+    return Layout.stretch(size, grown(size, ratio, "FFN inner dimension"))
+
+
+def head_size_layout(size: int, ratio: Fraction) -> Layout:
+    """A head size that grows by a non-integer ratio: uneven copies would change q.k, zero units do
+    not (the softmax scale takes the wide head size's value; q and k absorb the change)."""
+    return Layout.pad(size, grown(size, ratio, "head size"))
+
+
+# How the residual stream (and every other dimension a norm reads) grows by a non-integer ratio,
+# by the norms that normalise it: RMSNorm zero-pads, pre-norm LayerNorm averages (LEMON); a
+# dimension no norm reads takes uneven copies, read back with the linear rule.
+NORM_KINDS = ("rms", "centred")
+
+
+def hidden_layout(size: int, wide: int, norms: set, approximate: bool = False, seed: int = 0) -> Layout:
+    if approximate and "centred" in norms:
+        return Layout.choice(size, wide, seed)
+    if not norms:
+        return Layout.stretch(size, wide)
+    if norms == {"rms"}:
+        return Layout.pad(size, wide, ZERO)
+    if norms == {"centred"}:
+        return Layout.pad(size, wide, MEAN)
+    raise WidenError(f"a dimension of size {size} is normalised both by LayerNorm and by RMSNorm: "
+                     "no single non-integer layout keeps both exact")
+
+
+# Ops that may act on a dimension with zero or mean units, and the fills they keep: f(0) = 0 keeps
+# zeros; only a linear f keeps means (f(mean x) = mean f(x)).
+PADDING_UNSAFE = ("Erf", "Tanh", "Sigmoid", "Exp", "Log", "Softplus", "Softsign", "Gelu", "FastGelu", "Elu", "Selu",
+                  "Celu", "Mish", "HardSigmoid", "HardSwish", "Sin", "Cos", "Swish", "QuickGelu", "Relu", "LeakyRelu",
+                  "Abs")
+_KEEPS_ZERO = {"Erf", "Tanh", "Softsign", "Gelu", "FastGelu", "Elu", "Selu", "Celu", "Mish", "Sin", "Swish", "QuickGelu",
+               "Relu", "LeakyRelu", "Abs", "HardSwish"}
+
+
+def keeps_fill(op: str, fill: str) -> bool:
+    return fill == "zero" and op in _KEEPS_ZERO
 
 
 # How far stored frequencies may be from a geometric series, by bytes per value: float32 and

@@ -7,7 +7,8 @@ Scale rules (log space, s = log of the tensor's scale):
   Mul/Div by a scalar    s_out = s_in +- log(wide/small value of the scalar)
   Mul/Div of two tracked s_out = s_a +- s_b
   Pow p, Sqrt, Reciprocal s_out = p * s_in, s_in / 2, -s_in
-  ReduceMean/Max/Min     over a repeated axis: unchanged; ReduceSum: + log(copies)
+  ReduceMean/Max/Min     over a repeated axis: unchanged; ReduceSum: + log(copies);
+                         ReduceMean over zero units: + log(sum(copies)/wide)
 """
 import numpy as np
 
@@ -130,7 +131,10 @@ def reduce(an, node):
     xa = an.ax(x)
     out_axes = [None if i in axes else a for i, a in enumerate(xa)] if keep else [a for i, a in enumerate(xa) if i not in axes]
     an.set(out, out_axes)
-    terms = [Term("copies", xa[i]) for i in axes if xa[i] is not None] if node.op_type == "ReduceSum" else []
+    # A sum over c even copies is c times the sum; a mean over the wide axis is the small mean times
+    # sum(copies)/wide (1 for a plain repeat, d/D with zero units).
+    kind = {"ReduceSum": "copies", "ReduceMean": "mean"}.get(node.op_type)
+    terms = [Term(kind, xa[i]) for i in axes if xa[i] is not None] if kind else []
     an.scale.equal(out, x, an.name(node), *terms)
 
 

@@ -10,7 +10,7 @@ from onnx_widen.analysis import Match
 from onnx_widen.graph import attr
 from onnx_widen.match import OpPattern, const_source, is_int, source_axes, width_scalar
 
-from .layernorm import norm_params, norm_scales
+from .layernorm import norm_params, norm_scales, record_norm
 
 
 def _is_lookup(an, node):
@@ -54,8 +54,9 @@ def fused_lookup(an, node):
         if src is None or len(an.shape(node.input[idx])) != 2:
             an.fail(node, f"{role} {node.input[idx]!r} must be a constant matrix")
         an.param(src[0], node, source_axes((None, sym), src[1]), {total: 1.0}, role=role)
-    norm_params(an, node, axes, ("gamma", "beta"), out, first=5)
-    norm_scales(an, node, total, out, axes[-1:])
+    stat = record_norm(an, node, axes[-1:], "centred")
+    norm_params(an, node, axes, ("gamma", "beta"), out, first=5, stat=stat)
+    norm_scales(an, node, total, out, stat)
     an.matches.append(Match("embedding + layernorm (fused)", [an.name(node)], {
         "table": const_source(an, word)[0], "vocab": vocab, "dim": dim, "ids": ids, "lookup": total,
         "epsilon": attr(node, "epsilon", 1e-12)}))

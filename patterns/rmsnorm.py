@@ -4,7 +4,7 @@ RMS(R(x)) = RMS(x): gamma repeats, epsilon stays (times a**2 if the input has sc
 from onnx_widen.match import OpPattern
 from onnx_widen.recognize import chain_from
 
-from .layernorm import hold_input, norm_op
+from .layernorm import hold_rms_input, norm_op
 
 
 def rms_norm(an, node):
@@ -20,6 +20,6 @@ def _mean_centred(an, nodes):
 
 
 RECOGNIZERS = [
-    chain_from("rmsnorm (decomposed)", "Reciprocal", [("Sqrt", 0), ("Add", None), ("ReduceMean", None), ("Pow", 0)], reject=_mean_centred, on_match=hold_input),
-    chain_from("rmsnorm (decomposed)", "Div", [("Sqrt", 1), ("Add", None), ("ReduceMean", None), ("Pow", 0)], reject=_mean_centred, on_match=hold_input),
+    chain_from("rmsnorm (decomposed)", "Reciprocal", [("Sqrt", 0), ("Add", None), ("ReduceMean", None), ("Pow", 0)], reject=_mean_centred, on_match=hold_rms_input),
+    chain_from("rmsnorm (decomposed)", "Div", [("Sqrt", 1), ("Add", None), ("ReduceMean", None), ("Pow", 0)], reject=_mean_centred, on_match=hold_rms_input),
 ]
