@@ -41,7 +41,12 @@ def optimize(model_or_path, model_type, hidden, level=0, attention=ATTENTION, em
     for k, v in options.items():
         setattr(opts, k, v)
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
-    m = optimizer.optimize_model(_as_path(model_or_path), model_type=model_type, num_heads=heads, hidden_size=hidden,
+    src = _as_path(model_or_path)
+    if level:
+        # What optimize_model does for opt_level > 0 (an InferenceSession's graph optimizations with
+        # the same optimizers disabled, then the fusions at level 0), without its torch import.
+        src, level = _session_optimize(src, level, OPTIMIZER_DISABLED + (FUSION_DISABLED if level > 1 else [])), 0
+    m = optimizer.optimize_model(src, model_type=model_type, num_heads=heads, hidden_size=hidden,
                                  optimization_options=opts, opt_level=level)
     if fp16:
         m.convert_float_to_float16(keep_io_types=True)
@@ -50,17 +55,29 @@ def optimize(model_or_path, model_type, hidden, level=0, attention=ATTENTION, em
     return onnx.load(path)
 
 
-def session_optimized(model_or_path, level="extended"):
-    """What an InferenceSession at ORT_ENABLE_EXTENDED / ENABLE_ALL writes to optimized_model_filepath."""
+# onnxruntime.transformers.optimizer.optimize_model's own choices for its onnxruntime pass.
+OPTIMIZER_DISABLED = ["ConstantSharing"]
+FUSION_DISABLED = ["MatMulScaleFusion", "MatMulAddFusion", "MatmulTransposeFusion", "GemmActivationFusion", "BiasSoftmaxFusion"]
+
+
+def _session_optimize(src: str, level, disabled=()) -> str:
+    """The file an InferenceSession writes to optimized_model_filepath at an optimization level
+    (1, 2, 99 or "extended", "all")."""
     import onnxruntime as ort
 
+    levels = {1: "ORT_ENABLE_BASIC", 2: "ORT_ENABLE_EXTENDED", 99: "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED",
+              "all": "ORT_ENABLE_ALL"}
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    so.graph_optimization_level = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[level])
     so.optimized_model_filepath = _tmp()
-    ort.InferenceSession(_as_path(model_or_path), so, providers=["CPUExecutionProvider"])
-    return onnx.load(so.optimized_model_filepath)
+    ort.InferenceSession(src, so, providers=["CPUExecutionProvider"], **({"disabled_optimizers": list(disabled)} if disabled else {}))
+    return so.optimized_model_filepath
+
+
+def session_optimized(model_or_path, level="extended"):
+    """What an InferenceSession at ORT_ENABLE_EXTENDED / ENABLE_ALL writes to optimized_model_filepath."""
+    return onnx.load(_session_optimize(_as_path(model_or_path), level))
 
 
 def ort_loads(model) -> bool:

@@ -54,7 +54,7 @@ def check_commutes(small, opt_small, model_type, level, k):
     wide_opt = widen(opt_small, factor=k)  # optimize, then widen
     opt_wide = ortopt.optimize(widen(small, factor=k), model_type, 64 * k, level)  # widen, then optimize
     assert differences(wide_opt, opt_wide) == {}
-    feeds = make_inputs(small, seed=2)
+    feeds = make_inputs(wide_opt, seed=2)  # the wide model's inputs (a KV cache is wide too)
     a, b = runner(opt_small)(wide_opt, feeds), runner(opt_small)(opt_wide, feeds)
     for out in a:
         assert np.abs(a[out] - b[out]).max() <= 1e-5 * max(1.0, np.abs(a[out]).max()), out
@@ -70,6 +70,27 @@ def test_optimizer_output_widens_and_commutes(name, model_type, level):
     for k in (2, 3):
         check_function(opt, widen(opt, factor=k))
     check_commutes(small, opt, model_type, level, 2)
+
+
+# Decoders and encoder-decoders: onnxruntime has no fusion for their attention (rotary, GQA) from
+# these exports, but fuses their norms (SkipSimplifiedLayerNormalization for RMSNorm) and GELUs.
+DECODERS = [(f"{fam}_{exporter}", model_type, fused)
+            for fam, model_type, fused in (("llama", "gpt2", "SkipSimplifiedLayerNormalization"),
+                                           ("qwen2", "gpt2", "SkipSimplifiedLayerNormalization"),
+                                           ("llama_past", "gpt2", "SkipSimplifiedLayerNormalization"),
+                                           ("gptj", "gpt2", "SkipLayerNormalization"), ("neox", "gpt_neox", "SkipLayerNormalization"),
+                                           ("t5", "t5", "SkipSimplifiedLayerNormalization"),
+                                           ("t5v11", "t5", "SkipSimplifiedLayerNormalization"))
+            for exporter in ("ts17", "dyn18")]
+
+
+@pytest.mark.parametrize("name,model_type,fused", DECODERS)
+def test_optimized_decoders_widen_and_commute(name, model_type, fused):
+    small = load_sample(name)
+    opt = ortopt.optimize(small, model_type, 64, 1)
+    assert fused in contrib_ops(opt)
+    check_function(opt, widen(opt, factor=2))
+    check_commutes(small, opt, model_type, 1, 2)
 
 
 @pytest.mark.parametrize("name,level", sorted(EMBED_FUSED))
