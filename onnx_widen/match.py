@@ -107,9 +107,67 @@ def broadcast_axes(an, node, inputs, skip_axis=None):
         shape = an.shape(name)
         for j, oj in enumerate(aligned(an, name, len(oshape))):
             if axes[oj] is not None and shape[j] != 1 and oj != skip_axis:
+                fills = uniform_fills(an, name, j - len(shape))
+                if fills:
+                    grow_fills(an, fills, axes[oj])
+                    continue
                 # Fine for an axis that keeps its size (heads, batch); the plan checks which it is.
                 an.identity_required.append((axes[oj], node, name))
     return axes
+
+
+# Ops whose output is the same along an axis when every input is (or has size 1 there).
+ELEMENTWISE = {"Where", "Add", "Sub", "Mul", "Div", "Max", "Min", "Cast", "Identity", "Neg", "Equal", "Less", "Greater",
+               "And", "Or", "Not"}
+
+
+def uniform_fills(an, name, axis: int, depth: int = 0):
+    """[(ConstantOfShape node, its output axis)] when `name` holds the same value all along `axis`
+    (counted from the end) because it is made from ConstantOfShape fills by elementwise ops whose
+    other inputs have size 1 there (T5's zero position bias of cross-attention, one per head);
+    else None. Such a tensor is exactly its own repeat along that axis, whatever the layout."""
+    node = an.graph.producer.get(name)
+    shape = an.shape(name)
+    if node is None or depth > 12 or len(shape) < -axis:
+        return None
+    if node.op_type == "ConstantOfShape":
+        return [(node, len(shape) + axis)]
+    if node.op_type not in ELEMENTWISE:
+        return None
+    fills = []
+    for i in node.input:
+        if not i:
+            continue
+        s = an.shape(i)
+        if len(s) < -axis or s[axis] == 1:
+            continue
+        sub = uniform_fills(an, i, axis, depth + 1)
+        if sub is None:
+            return None
+        fills += sub
+    return fills or None
+
+
+def grow_fills(an, fills, sym):
+    """The fills' shape operands take the wide size of `sym` on their axes (entries rewritten by
+    role through the shape subgraph, like a Reshape's)."""
+    import numpy as np
+
+    from .analysis import ShapeUse
+
+    grown = an.__dict__.setdefault("_grown_fills", {})
+    for node, axis in fills:
+        if id(node) not in grown:
+            grown[id(node)] = {}
+
+            def required(plan, node=node, axes=grown[id(node)]):
+                small = an.value(node.input[0])
+                if small is None:
+                    return None
+                return np.array([plan.layout(axes[i]).wide if i in axes else v for i, v in enumerate(small)], dtype=np.int64)
+
+            an.shape_uses.append(ShapeUse(node, 0, required))
+        grown[id(node)][axis] = sym
 
 
 def adopt_graph_input(an, node, name, out_axes):

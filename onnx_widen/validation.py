@@ -40,7 +40,7 @@ class ValidationResult:
     atol: float = ATOL
     rtol: float = RTOL
     reference: str | None = None  # how a float16/bfloat16 model was judged (precision.py)
-    small_outputs: list = field(default_factory=list, repr=False)
+    small_outputs: list = field(default_factory=list, repr=False)  # output names of the small model
 
     @property
     def ok(self) -> bool:
@@ -196,17 +196,17 @@ def validate(small, wide, factor: int | None = None, shapes: dict | None = None,
             got = dict(zip([o.name for o in s_wide.get_outputs()], s_wide.run(None, precision.as_inputs_of(wide_feeds, s_wide))))
         except Exception as e:
             raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
-        for i, (o, a) in enumerate(zip(result.small_outputs, ref)):
-            if o.name not in got:
-                raise WidenError(f"wide model has no output {o.name!r}")
-            b = got[o.name]
-            entry = mapping.get(o.name) if mapping is not None else (post_convention(a.shape, b.shape, factor) if factor else None)
+        for i, (name, a) in enumerate(zip(result.small_outputs, ref)):
+            if name not in got:
+                raise WidenError(f"wide model has no output {name!r}")
+            b = got[name]
+            entry = mapping.get(name) if mapping is not None else (post_convention(a.shape, b.shape, factor) if factor else None)
             if entry is None and a.shape != b.shape:
-                raise WidenError(f"output {o.name!r}: shape {b.shape} of the wide model cannot be mapped to {a.shape}"
+                raise WidenError(f"output {name!r}: shape {b.shape} of the wide model cannot be mapped to {a.shape}"
                                  + ("" if factor else " (no mapping metadata: pass --factor)"))
             small_b = unwiden(b, entry) if entry else b
             if small_b.shape != a.shape:
-                raise WidenError(f"output {o.name!r}: un-widened shape {small_b.shape} differs from {a.shape}")
+                raise WidenError(f"output {name!r}: un-widened shape {small_b.shape} differs from {a.shape}")
             max_abs, scale, bad = _difference(a, small_b)
             ok = (not bad) and max_abs <= atol + rtol * scale
             ref_small = ref_wide = None
@@ -216,11 +216,11 @@ def validate(small, wide, factor: int | None = None, shapes: dict | None = None,
                 e_wide, t_scale, bad = _difference(truth, small_b)
                 ok = (not bad) and e_wide <= precision.REFERENCE_MARGIN * e_small + atol + rtol * t_scale
                 ref_small, ref_wide = _rel(e_small, t_scale), _rel(e_wide, t_scale)
-            check = OutputCheck(o.name, tuple(a.shape), max_abs, _rel(max_abs, scale), ok, entry is not None, ref_small, ref_wide)
-            prev = worst.get(o.name)
+            check = OutputCheck(name, tuple(a.shape), max_abs, _rel(max_abs, scale), ok, entry is not None, ref_small, ref_wide)
+            prev = worst.get(name)
             if prev is None or max_abs > prev.max_abs or not ok:
                 check.ok = ok and (prev.ok if prev else True)
-                worst[o.name] = check
+                worst[name] = check
     result.outputs = list(worst.values())
     return result
 
@@ -237,7 +237,8 @@ def _run_small(src, small, shapes, seed, provider, result) -> list:
             runs.append((feeds, s_small.run(None, feeds), dims, fixed))
         except Exception as e:
             raise WidenError(f"onnxruntime failed while validating: {str(e).splitlines()[0]}") from None
-    result.small_outputs = s_small.get_outputs()
+    # Names, not onnxruntime's NodeArgs: those keep their session (and its weights) alive.
+    result.small_outputs = [o.name for o in s_small.get_outputs()]
     return runs
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_widen import validate, widen
+from onnx_widen import WidenError, validate, widen
 from onnx_widen.apply import read_mapping
 from onnx_widen.validation import make_inputs
 
@@ -95,6 +95,24 @@ def test_head_count_growth(name, kv):
         axes = m["past_key_values.0.key"]["axes"]
         assert set(axes) == ({"1"} if kv == "tile" else set()) or kv == "keep"
         assert m["past_key_values.0.key"]["scale"] == pytest.approx(1.0)  # head size kept: no q/k factor
+
+
+@pytest.mark.parametrize("name", ["t5_ts17", "t5v11_ts17"])
+def test_t5_head_count_growth_grows_the_zero_cross_attention_bias(name):
+    """T5's cross-attention has no relative bias: a zero [1, heads, q, k] ConstantOfShape (masked
+    by Where) stands in for it. It is the same along the heads axis, so its shape grows with them."""
+    small = load_sample(name)
+    wide = widen(small, factor=2, heads="grow")
+    assert _err(small, wide) < 2e-5
+    heads = {tuple(onnx.numpy_helper.to_array(n.attribute[0].t).tolist()) for n in wide.graph.node if n.op_type == "Constant"
+             and n.attribute[0].t.data_type == onnx.TensorProto.INT64 and list(n.attribute[0].t.dims) == [1]}
+    assert (8,) in heads and (4,) not in heads  # the shape operand's head count, by role
+
+
+def test_t5_head_growth_refuses_a_folded_bias_by_name():
+    """The dynamo export folds that zero bias into a constant: not yet widened, refused naming the node."""
+    with pytest.raises(WidenError, match=r"node 'node_Add_\d+' \(Add\): input 'where_\d+' spans a widened axis"):
+        widen(load_sample("t5_dyn18"), factor=2, heads="grow")
 
 
 @pytest.mark.parametrize("k", [2, 3])

@@ -157,3 +157,19 @@ def test_killed_external_data_write_leaves_the_old_output(tmp_path):
             p.kill()
     assert p.returncode != 0 and "terminated" in err and len(err.strip().splitlines()) == 1
     assert out.read_bytes() == b"previous model" and sorted(os.listdir(work)) == ["out.onnx"]
+
+
+def test_progress_bar_only_on_a_terminal_and_not_quiet(monkeypatch):
+    from onnx_widen import cli
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    with cli._progress(True) as factory:
+        assert factory is None  # piped output: no bar
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    with cli._progress(False) as factory:
+        assert factory is None  # -q
+    with cli._progress(True) as factory:
+        assert factory(cli.PROGRESS_MIN_BYTES - 1, 3) is None  # a write of well under a second
+        tick = factory(cli.PROGRESS_MIN_BYTES, 2)
+        for _ in range(2):
+            tick(cli.PROGRESS_MIN_BYTES // 2, True)
