@@ -57,9 +57,10 @@ def apply(plan: Plan) -> onnx.ModelProto:
     return model
 
 
-def rewrite(plan: Plan) -> tuple[onnx.ModelProto, list]:
+def rewrite(plan: Plan, on_read=None) -> tuple[onnx.ModelProto, list]:
     """The wide model without its initializers, and those initializers as PendingTensors (in the
-    small model's order, un-shared uses right after their original)."""
+    small model's order, un-shared uses right after their original). on_read(tensor, values) is
+    called with every small weight as it is read (the writer reads each once)."""
     an = plan.an
     g = an.graph
     src = g.model
@@ -92,7 +93,7 @@ def rewrite(plan: Plan) -> tuple[onnx.ModelProto, list]:
                 for n, i in members:
                     node_copy[id(n)].input[i] = new_name
             if name in g.inits:
-                pending.append(_pending(g, name, new_name, recipe))
+                pending.append(_pending(g, name, new_name, recipe, on_read))
             elif recipe is not None:
                 value = recipe.compute(g.const(name))  # Constant nodes: small, computed now
                 if new_name == name:
@@ -123,14 +124,21 @@ def _onnx_type(dtype) -> int:
     return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
 
-def _pending(g, name: str, new_name: str, recipe) -> PendingTensor:
+def _pending(g, name: str, new_name: str, recipe, on_read=None) -> PendingTensor:
     t = g.inits[name]
+
+    def read():
+        values = g.const(name)
+        if on_read is not None:
+            on_read(t, values)
+        return values
+
     if recipe is None:
         return PendingTensor(new_name, tuple(t.dims), t.data_type, name, proto=t, origin=t)
     if recipe.value is not None:
         value = np.asarray(recipe.value)
         return PendingTensor(new_name, tuple(value.shape), _onnx_type(value.dtype), name, values=lambda: value)
-    return PendingTensor(new_name, recipe.wide_dims(t.dims), t.data_type, name, values=lambda: recipe.compute(g.const(name)), origin=t)
+    return PendingTensor(new_name, recipe.wide_dims(t.dims), t.data_type, name, values=lambda: recipe.compute(read()), origin=t)
 
 
 def _without_initializers(model):

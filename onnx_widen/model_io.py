@@ -126,23 +126,22 @@ def check_tensors(model: onnx.ModelProto):
         check_tensor(t, where)
 
 
-def count_nonfinite(model: onnx.ModelProto) -> dict:
+def count_nonfinite(model: onnx.ModelProto, external: bool = True) -> dict:
     """NaN/+-Inf values per floating-point initializer or Constant tensor (only those with any).
-    A one-element +-Inf constant is a deliberate fill value (attention masks) and is not counted."""
+    A one-element +-Inf constant is a deliberate fill value (attention masks) and is not counted.
+    external=False skips external data (the streaming writer counts it as it reads it: `nonfinite`)."""
     out = {}
     for t, _, name in _graph_tensors(model.graph):
         size = math.prod(t.dims)
         if t.data_type not in FLOAT_TYPES or size == 0:
             continue
         if is_external(t):
-            if not os.path.isabs(_external_entries(t).get("location", "")):
-                continue  # not checked and resolved by read_model(..., "lazy")
-            arr = tensor_array(t).reshape(-1)
-            step = 1 << 24
-            chunks = [np.asarray(arr[i:i + step], dtype=np.float32) for i in range(0, arr.size, step)]
-            nan = sum(int(np.count_nonzero(np.isnan(c))) for c in chunks)
-            inf = sum(int(np.count_nonzero(np.isinf(c))) for c in chunks)
-        elif t.data_type == TensorProto.BFLOAT16:
+            if external and os.path.isabs(_external_entries(t).get("location", "")):  # resolved by read_model(..., "lazy")
+                n = nonfinite(tensor_array(t))
+                if n:
+                    out[name] = out.get(name, 0) + n
+            continue
+        if t.data_type == TensorProto.BFLOAT16:
             bits = np.frombuffer(t.raw_data, dtype=np.uint16) if t.raw_data else np.asarray(t.int32_data, dtype=np.uint16)
             nan = int(np.count_nonzero(((bits & 0x7F80) == 0x7F80) & ((bits & 0x7F) != 0)))
             inf = int(np.count_nonzero((bits & 0x7FFF) == 0x7F80))
@@ -160,6 +159,19 @@ def count_nonfinite(model: onnx.ModelProto) -> dict:
         if nan or inf:
             out[name] = out.get(name, 0) + nan + inf
     return out
+
+
+def nonfinite(arr: np.ndarray) -> int:
+    """NaN/+-Inf values in a float array, read in chunks (it may be memory-mapped); a lone +-Inf
+    is a fill value, not counted."""
+    flat = arr.reshape(-1)
+    step = 1 << 24
+    nan = inf = 0
+    for i in range(0, flat.size, step):
+        c = np.asarray(flat[i:i + step], dtype=np.float32)
+        nan += int(np.count_nonzero(np.isnan(c)))
+        inf += int(np.count_nonzero(np.isinf(c)))
+    return 0 if flat.size == 1 and not nan else nan + inf
 
 
 # ---- graph structure -----------------------------------------------------------------------------
@@ -390,7 +402,10 @@ def _load_external(model, base, path="", lazy=False):
                              f"the tensor needs bytes {offset}..{offset + length})")
         files.add(full)
         if lazy:
-            _set_external_location(t, full)
+            if (length if length is not None else fsize - offset) < _MAP_MIN_BYTES:
+                _load_inline(t, full, offset, length)  # shape constants and scalars: read now
+            else:
+                _set_external_location(t, full)
     if not files or lazy:
         return sorted(files)
     try:
@@ -398,6 +413,15 @@ def _load_external(model, base, path="", lazy=False):
     except Exception as e:
         raise WidenError(f"{path}: external data could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return sorted(files)
+
+
+def _load_inline(t: TensorProto, path: str, offset: int, length: int | None):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read() if length is None else f.read(length)
+    del t.external_data[:]
+    t.data_location = TensorProto.DEFAULT
+    t.raw_data = data
 
 
 def _set_external_location(t: TensorProto, location: str):

@@ -19,7 +19,8 @@ from . import writer
 from .api import build_plan
 from .apply import rewrite
 from .errors import UsageError, WidenError
-from .model_io import FLOAT_TYPES, count_nonfinite, read_model, write_bytes_atomic
+from .model_io import FLOAT_TYPES, count_nonfinite, is_external, read_model, write_bytes_atomic
+from .model_io import nonfinite as count_values
 from .report import count_params, match_summary
 
 
@@ -131,17 +132,20 @@ def widen_file(source: str, out: str, factor: int | None, residual: str = "repea
     if external_data is not None:
         writer.check_data_name(external_data, out, files)
     check_degenerate(small)
-    nonfinite = count_nonfinite(small)
+    nonfinite = count_nonfinite(small, external=False)
     t1 = time.perf_counter()
     plan = budget_mod.preflight(small, opts, out, validate) or build_plan(small, opts)
     check_widens(plan)
     size = budget_mod.from_plan(plan)
     budget_mod.check(size, budget_mod.model_bytes(small), out, factor, validate, largest=budget_mod.largest_from_plan(plan),
                      small_in_memory=not files, narrow=any(t.data_type in NARROW_FLOATS for t in small.graph.initializer))
-    skeleton, pending = rewrite(plan)
+
+    def count_external(t, values):  # counted as the writer reads them, not in a pass of their own
+        if is_external(t) and t.data_type in FLOAT_TYPES and (n := count_values(values)):
+            nonfinite[t.name] = n
+
+    skeleton, pending = rewrite(plan, count_external)
     notes = list(plan.notes)
-    if nonfinite:
-        notes.insert(0, nonfinite_note(nonfinite))
     summary = {
         "input": source, "output": out, "factor": factor, "residual": residual, "rope": rope, "heads": heads, "kv_heads": kv_heads, "ffn_factor": opts.ffn, "noise": noise, "seed": seed,
         "matched": match_summary(plan.an), "params_before": count_params(small), "params_after": sum(math.prod(p.dims) for p in pending if p.data_type in FLOAT_TYPES),
@@ -159,6 +163,9 @@ def widen_file(source: str, out: str, factor: int | None, residual: str = "repea
         if written.external and external_data is None:
             notes.append(f"the model is over protobuf's 2 GiB limit for one file: weights written to {written.external} beside it")
         summary["output_bytes"] = written.bytes_written
+        if nonfinite:
+            notes.insert(0, nonfinite_note(nonfinite))
+            summary["nonfinite"] = {"count": sum(nonfinite.values()), "tensors": nonfinite}
         if validate:
             from .validation import validate as run_validate
 

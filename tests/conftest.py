@@ -88,3 +88,28 @@ def max_rel_error(small, wide, mapping):
 @pytest.fixture
 def tmp_model_dir(tmp_path):
     return tmp_path
+
+
+def native_export(name, path, **sizes):
+    """Export a sample's architecture with other config sizes (torch and transformers; skips
+    without them), as sample_models/make_samples.py does: what the exporter itself produces for
+    the wide config."""
+    import sys
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(SAMPLES))
+    import make_samples as ms
+
+    e = entry(name)
+    a = next(a for a in ms.ARCHS if a.arch == e["arch"])
+    cfg = a.make_config(e["attn_implementation"], 1)
+    for k, v in sizes.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = getattr(transformers, a.hf_class)(cfg)
+    if a.post_build is not None:
+        model = a.post_build(model)
+    model.eval()
+    ms.perturb_parameters(model, 7)  # distinct values: TorchScript shares equal parameters
+    return ms.export(a, cfg, a.wrap(model, a.inputs).eval(), e["exporter"], e["opset"], str(path), [])

@@ -6,7 +6,9 @@ from onnx_widen import UsageError, widen
 from onnx_widen.folder import widen_config
 from onnx_widen.report import count_params
 
-from conftest import load_sample
+from onnx_widen.structure import differences
+
+from conftest import load_sample, native_export
 from test_decoders import _err
 
 
@@ -37,3 +39,20 @@ def test_config_follows_the_options():
     assert widen_config(cfg, 2, heads="grow") == {**cfg, "hidden_size": 128, "intermediate_size": 256,
                                                    "num_attention_heads": 8, "num_key_value_heads": 4}
     assert widen_config(cfg, 2, heads="grow", kv_heads="keep")["num_key_value_heads"] == 2
+
+
+# --heads grow is canonical: the native export of the config with K times the heads (head size
+# kept, hidden and FFN times K) has the same ops, shapes and constants.
+HEADS_GROW = [
+    ("bert_ts17", "tile", dict(hidden_size=128, num_attention_heads=8, intermediate_size=512)),
+    ("bert_dyn18", "tile", dict(hidden_size=128, num_attention_heads=8, intermediate_size=512)),
+    ("llama_ts17", "tile", dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256, head_dim=16)),
+    ("llama_dyn18", "keep", dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256, head_dim=16)),
+]
+
+
+@pytest.mark.parametrize("name,kv,sizes", HEADS_GROW, ids=[f"{c[0]}-{c[1]}" for c in HEADS_GROW])
+def test_head_growth_equals_the_native_export_with_k_times_the_heads(tmp_path, name, kv, sizes):
+    native = native_export(name, tmp_path / "native.onnx", **sizes)
+    wide = widen(load_sample(name), factor=2, heads="grow", kv_heads=kv)
+    assert differences(wide, native) == {}

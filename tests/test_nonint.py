@@ -17,7 +17,7 @@ from onnx_widen.folder import widen_config
 from onnx_widen.plan import Options
 from onnx_widen.structure import differences
 
-from conftest import SAMPLES, entry, load_sample, run
+from conftest import SAMPLES, entry, load_sample, native_export, run
 from conftest import widen_feeds
 from onnx_widen.validation import make_inputs
 from test_cli import cli
@@ -283,29 +283,6 @@ def test_localize_rebuilds_a_target_plan():
 
 
 # ---- canonical structure: a native export of the target config ------------------------------------
-def _native(name, path, **sizes):
-    """Export the sample's architecture with the target sizes, as make_samples.py does."""
-    import sys
-
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    sys.path.insert(0, str(SAMPLES))
-    import make_samples as ms
-
-    e = entry(name)
-    a = next(a for a in ms.ARCHS if a.arch == e["arch"])
-    cfg = a.make_config(e["attn_implementation"], 1)
-    for k, v in sizes.items():
-        setattr(cfg, k, v)
-    torch.manual_seed(0)
-    model = getattr(transformers, a.hf_class)(cfg)
-    if a.post_build is not None:
-        model = a.post_build(model)
-    model.eval()
-    ms.perturb_parameters(model, 7)  # distinct values: TorchScript shares equal parameters
-    return ms.export(a, cfg, a.wrap(model, a.inputs).eval(), e["exporter"], e["opset"], str(path), [])
-
-
 CANONICAL = [
     # FFN size and head count: exact and canonical at once.
     ("llama_ts17", dict(num_heads=6, ffn_size=200), dict(num_attention_heads=6, num_key_value_heads=3, intermediate_size=200), set()),
@@ -322,7 +299,7 @@ CANONICAL = [
 
 @pytest.mark.parametrize("name,opts,sizes,eps_diff", CANONICAL, ids=[c[0] + "-" + "-".join(map(str, c[1].values())) for c in CANONICAL])
 def test_structure_equals_native_export_of_the_target(tmp_path, name, opts, sizes, eps_diff):
-    native = _native(name, tmp_path / "native.onnx", **sizes)
+    native = native_export(name, tmp_path / "native.onnx", **sizes)
     wide = widen(load_sample(name), **opts)
     diff = differences(wide, native)
     assert set(diff) == eps_diff, diff

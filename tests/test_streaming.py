@@ -173,3 +173,20 @@ def test_progress_bar_only_on_a_terminal_and_not_quiet(monkeypatch):
         tick = factory(cli.PROGRESS_MIN_BYTES, 2)
         for _ in range(2):
             tick(cli.PROGRESS_MIN_BYTES // 2, True)
+
+
+def test_non_finite_external_weights_are_counted_as_they_stream(tmp_path):
+    """The writer reads every big external weight once and counts NaN/Inf as it goes (no pass of
+    its own over the input); small external tensors are read in at load and counted there."""
+    m = onnx.load(BERT)
+    big = next(t for t in m.graph.initializer if model_io.data_bytes(t) >= 1 << 16)
+    arr = onnx.numpy_helper.to_array(big).copy()
+    arr.flat[[3, 77]] = [np.nan, np.inf]
+    big.CopyFrom(onnx.numpy_helper.from_array(arr, big.name))
+    embedded = str(tmp_path / "nan.onnx")
+    onnx.save(m, embedded)
+    src = _external_copy(embedded, str(tmp_path / "in"))
+    for path, out in ((embedded, "a.onnx"), (src, "b.onnx")):
+        s = widen_file(path, str(tmp_path / out), 2, validate=False)
+        assert s["nonfinite"] == {"count": 2, "tensors": {big.name: 2}}
+        assert s["notes"][0].startswith("2 non-finite weight values")
