@@ -142,6 +142,9 @@ def group_query_attention(node, shape, value):
     return [(q[0], q[1], heads * dh), present, present]
 
 
+ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
+
+
 def _past_heads(node, shape):
     """The (input index, shape) a KV cache input must have, None on the axes the op leaves free
     (batch, past length): its head count and head size follow from the query's width."""
@@ -166,13 +169,13 @@ def _past_heads(node, shape):
 
 
 def required_inputs(graph, shapes) -> dict[str, tuple]:
-    """Shapes (None: any size) that contrib ops require of the graph inputs they read directly.
-    A KV cache input may name its head size with a symbol of its own (onnxruntime-genai's
+    """Shapes (None: any size) that contrib attention ops require of the graph inputs they read
+    directly. A KV cache input may name its head size with a symbol of its own (onnxruntime-genai's
     `kv_cache_dim`) that nothing else in the graph sizes: the op is what fixes it."""
     inputs = {i.name for i in graph.inputs}
     out = {}
     for n in graph.nodes:
-        if n.domain == "com.microsoft" and n.op_type in ("GroupQueryAttention", "MultiHeadAttention", "Attention"):
+        if n.domain == "com.microsoft" and n.op_type in ATTENTION_OPS:
             for i, want in _past_heads(n, shapes.get):
                 name = _input(n, i)
                 if name in inputs:

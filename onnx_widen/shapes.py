@@ -38,9 +38,9 @@ def concrete_input_shapes(graph: Graph, dims: dict | None = None, overrides: dic
     dims = {**DEFAULT_DIMS, **(dims or {})}
     guessed: dict[str, list] = {}
     out = _guess_input_shapes(graph, dims, overrides or {}, guessed)
-    if guessed and any(n.op_type in ("GroupQueryAttention", "MultiHeadAttention", "Attention") for n in graph.nodes):
+    if guessed and any(n.op_type in contrib_shapes.ATTENTION_OPS for n in graph.nodes):
         try:
-            known = infer(graph, out).shapes
+            known = _propagate(graph, out)[0]  # what a wrong guess leaves unknown is not needed here
         except WidenError:
             return out  # the caller's own inference says what is wrong
         pinned = {}
@@ -105,6 +105,16 @@ def _check_constant_ranges(graph: Graph):
 def infer(graph: Graph, input_shapes: dict[str, tuple]) -> ShapeInfo:
     """Concrete shapes of all tensors for the given input shapes, and small-world shape values."""
     _check_constant_ranges(graph)
+    shapes, dtypes, values = _propagate(graph, input_shapes)
+    missing = [o for n in graph.nodes for o in n.output if o and o not in shapes]
+    if missing:
+        n = graph.producer[missing[0]]
+        raise WidenError(f"node {graph.node_name(n)!r} ({n.op_type}): shape of {missing[0]!r} could not be inferred")
+    return ShapeInfo(shapes, dtypes, values, dict(input_shapes))
+
+
+def _propagate(graph: Graph, input_shapes: dict[str, tuple]):
+    """(shapes, dtypes, values) of every tensor that inference reaches."""
     values: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple] = {}
     dtypes: dict[str, int] = {}
@@ -116,11 +126,7 @@ def infer(graph: Graph, input_shapes: dict[str, tuple]) -> ShapeInfo:
         if set(new_values) <= set(values) and not grew:
             break
         values = new_values
-    missing = [o for n in graph.nodes for o in n.output if o and o not in shapes]
-    if missing:
-        n = graph.producer[missing[0]]
-        raise WidenError(f"node {graph.node_name(n)!r} ({n.op_type}): shape of {missing[0]!r} could not be inferred")
-    return ShapeInfo(shapes, dtypes, values, dict(input_shapes))
+    return shapes, dtypes, values
 
 
 def _onnx_infer(graph: Graph, input_shapes, values, extra=None):
