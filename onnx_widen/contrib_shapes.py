@@ -142,6 +142,60 @@ def group_query_attention(node, shape, value):
     return [(q[0], q[1], heads * dh), present, present]
 
 
+ATTENTION_OPS = ("GroupQueryAttention", "MultiHeadAttention", "Attention")
+
+
+def _past_heads(node, shape):
+    """The (input index, shape) a KV cache input must have, None on the axes the op leaves free
+    (batch, past length): its head count and head size follow from the query's width."""
+    q = shape(_input(node, 0))
+    if q is None:
+        return []
+    heads = attr(node, "num_heads", 1)
+    if node.op_type == "GroupQueryAttention":
+        kv = attr(node, "kv_num_heads", 1)
+        dh = q[-1] // (heads + 2 * kv) if _input(node, 1) is None else q[-1] // heads
+        return [(i, (None, kv, None, dh)) for i in (3, 4)]
+    if node.op_type == "MultiHeadAttention":
+        k, v = shape(_input(node, 1)), shape(_input(node, 2))
+        if k is None or v is None or len(k) != 3 or len(v) != 3:
+            return []
+        return [(6, (None, heads, None, k[2] // heads)), (7, (None, heads, None, v[2] // heads))]
+    w = shape(_input(node, 1))  # Attention: one stacked (2, B, N, past, head size) cache
+    if w is None:
+        return []
+    sizes = attr(node, "qkv_hidden_sizes") or [w[1] // 3] * 3
+    return [(4, (2, None, heads, None, sizes[1] // heads))]
+
+
+def required_inputs(graph, shapes) -> dict[str, tuple]:
+    """Shapes (None: any size) that contrib attention ops require of the graph inputs they read
+    directly. A KV cache input may name its head size with a symbol of its own (onnxruntime-genai's
+    `kv_cache_dim`) that nothing else in the graph sizes: the op is what fixes it."""
+    inputs = {i.name for i in graph.inputs}
+    out = {}
+    for n in graph.nodes:
+        if n.domain == "com.microsoft" and n.op_type in ATTENTION_OPS:
+            for i, want in _past_heads(n, shapes.get):
+                name = _input(n, i)
+                if name in inputs:
+                    out[name] = want
+    return out
+
+
+def runnable_dims(graph, dims: dict) -> dict:
+    """Validation sizes onnxruntime runs: its GroupQueryAttention takes a prompt of several tokens
+    on a non-empty cache only at batch 1, so a batch of several with a cache validates one
+    decoding step (the other shape set keeps the longer prompt at batch 1)."""
+    from .shapes import DEFAULT_DIMS
+
+    d = {**DEFAULT_DIMS, **dims}
+    cached = any(n.op_type == "GroupQueryAttention" and _input(n, 3) for n in graph.nodes)
+    if cached and d["batch"] > 1 and d["sequence"] > 1 and d["past"] > 0:
+        return {**dims, "sequence": 1}
+    return dims
+
+
 def _per_output(fn):
     """A rule written as one shape per output (None where absent or unknown), typed like input 0."""
     def rule(node, shapes, dtypes, values=None):

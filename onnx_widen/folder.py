@@ -3,6 +3,7 @@ config.json beside them) consistently: every .onnx file by the same rules, the c
 times K, everything else copied. The folder appears at OUT only when every file validated."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -12,7 +13,7 @@ from .errors import UsageError, WidenError
 
 # config.json keys that carry a width (Hugging Face names across families): the hidden factor
 # multiplies the first group, the FFN factor the second.
-WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "head_dim", "d_kv", "dim", "embedding_size")
+WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "head_dim", "d_kv", "head_size", "dim", "embedding_size")
 FFN_KEYS = ("intermediate_size", "d_ff", "n_inner", "encoder_ffn_dim", "decoder_ffn_dim", "ffn_dim", "hidden_dim")
 # Block counts: --depth adds its blocks to every stack (T5: encoder and decoder).
 DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
@@ -20,7 +21,13 @@ DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers"
 
 HEAD_KEYS = ("num_attention_heads", "num_heads", "n_head")
 KV_HEAD_KEYS = ("num_key_value_heads",)
-HEAD_SIZE_KEYS = ("head_dim", "d_kv")
+# onnxruntime-genai's genai_config.json says head_size.
+HEAD_SIZE_KEYS = ("head_dim", "d_kv", "head_size")
+
+# The JSON configs of a folder that describe the model's sizes, and where in each they are: a
+# Hugging Face config.json at its top level, onnxruntime-genai's genai_config.json (the model
+# builder's output folder) under model.decoder.
+CONFIGS = {"config.json": (), "genai_config.json": ("model", "decoder")}
 
 
 def widen_config(config: dict, factor: int | None = None, ffn_factor: int | None = None, heads: str = "keep",
@@ -60,6 +67,21 @@ def widen_config(config: dict, factor: int | None = None, ffn_factor: int | None
     return out
 
 
+def _widen_at(cfg: dict, path: tuple, factor, kw) -> dict:
+    """`cfg` with the sizes found under `path` (a chain of keys) widened; unchanged without them."""
+    box = {"": copy.deepcopy(cfg)}
+    keys = ("",) + path
+    parent = box
+    for key in keys[:-1]:
+        parent = parent.get(key) if isinstance(parent, dict) else None
+    if not isinstance(parent, dict) or not isinstance(parent.get(keys[-1]), dict):
+        return cfg
+    added = kw.get("depth") or len(kw.get("depth_at") or ())
+    parent[keys[-1]] = widen_config(parent[keys[-1]], factor, kw.get("ffn_factor"), kw.get("heads", "keep"), kw.get("kv_heads", "tile"),
+                                    kw.get("hidden"), kw.get("ffn_size"), kw.get("num_heads"), added)
+    return box[""]
+
+
 def widen_folder(source: str, out: str, factor: int, **kw) -> dict:
     from .workflow import validation_failed, widen_file
 
@@ -87,13 +109,11 @@ def widen_folder(source: str, out: str, factor: int, **kw) -> dict:
             src = os.path.join(source, name)
             if name in models or not os.path.isfile(src) or name.endswith(".onnx_data") or name.endswith(".data"):
                 continue
-            if name == "config.json":
+            if name in CONFIGS:
                 with open(src) as f:
                     cfg = json.load(f)
                 with open(os.path.join(tmp, name), "w") as f:
-                    added = kw.get("depth") or len(kw.get("depth_at") or ())
-                    json.dump(widen_config(cfg, factor, kw.get("ffn_factor"), kw.get("heads", "keep"), kw.get("kv_heads", "tile"),
-                                           kw.get("hidden"), kw.get("ffn_size"), kw.get("num_heads"), added), f, indent=2)
+                    json.dump(_widen_at(cfg, CONFIGS[name], factor, kw), f, indent=2 if name == "config.json" else 4)
             else:
                 shutil.copy2(src, os.path.join(tmp, name))
         if os.path.isdir(out):

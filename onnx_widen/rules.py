@@ -281,6 +281,9 @@ def keeps_fill(op: str, fill: str) -> bool:
 # How far stored frequencies may be from a geometric series, by bytes per value: float32 and
 # float64 exports hold them to 1e-4; float16 (2**-11) and bfloat16 (2**-8) round each one.
 FREQUENCY_RTOL = {8: 1e-4, 4: 1e-4, 2: 1e-2}
+# How far a stored sin/cos table may be from the recomputed one, by bytes per value: float16
+# rounds values near 1 by up to 2**-12, bfloat16 by 2**-9 (plus the fitted frequencies' error).
+TABLE_ATOL = {8: 1e-4, 4: 1e-4, 2: 4e-3}
 
 
 def rotary_frequencies(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
@@ -394,7 +397,7 @@ def _trig_table(trig):
         else:
             f = np.full(n, fits[cols[0]][0])
         p = np.arange(table.shape[0])[:, None]
-        if not np.allclose(trig(p * f), table, atol=1e-4):
+        if not np.allclose(trig(p * f), table, atol=TABLE_ATOL[np.dtype(small.dtype).itemsize]):
             return None
         wide = trig(p * rotary_frequencies(f, lay, 0))
         valid = lay.src >= 0

@@ -33,9 +33,30 @@ class ShapeInfo:
 
 
 def concrete_input_shapes(graph: Graph, dims: dict | None = None, overrides: dict | None = None) -> dict[str, tuple]:
-    """Give every dynamic input dimension a value: batch-like first axes 2, others 7 (or `dims[name]`)."""
+    """Give every dynamic input dimension a value: batch-like first axes 2, others 7 (or `dims[name]`).
+    A symbol guessed that way which a contrib op pins (a KV cache's head size) takes the op's value."""
     dims = {**DEFAULT_DIMS, **(dims or {})}
-    overrides = overrides or {}
+    guessed: dict[str, list] = {}
+    out = _guess_input_shapes(graph, dims, overrides or {}, guessed)
+    if guessed and any(n.op_type in contrib_shapes.ATTENTION_OPS for n in graph.nodes):
+        try:
+            known = _propagate(graph, out)[0]  # what a wrong guess leaves unknown is not needed here
+        except WidenError:
+            return out  # the caller's own inference says what is wrong
+        pinned = {}
+        for name, want in contrib_shapes.required_inputs(graph, known).items():
+            for ax, size in enumerate(want):
+                sym = next((p for p, where in guessed.items() if (name, ax) in where), None)
+                if size is not None and sym is not None and out[name][ax] != size:
+                    pinned[sym] = int(size)
+        if pinned:
+            out = _guess_input_shapes(graph, {**dims, **pinned}, overrides or {}, {})
+    return out
+
+
+def _guess_input_shapes(graph, dims, overrides, guessed) -> dict[str, tuple]:
+    """One value per dynamic dimension; `guessed` collects, per symbol given the default
+    sequence length without being named in `dims`, the (input, axis) places it sizes."""
     has_past = any("past" in i.name.lower() for i in graph.inputs)
     out = {}
     for inp in graph.inputs:
@@ -58,6 +79,8 @@ def concrete_input_shapes(graph: Graph, dims: dict | None = None, overrides: dic
                 shape.append(dims["past"] + dims["sequence"])
             else:
                 shape.append(dims["sequence"])
+                if d.dim_param:
+                    guessed.setdefault(d.dim_param, []).append((inp.name, ax))
         out[inp.name] = tuple(shape)
     return out
 
@@ -82,6 +105,16 @@ def _check_constant_ranges(graph: Graph):
 def infer(graph: Graph, input_shapes: dict[str, tuple]) -> ShapeInfo:
     """Concrete shapes of all tensors for the given input shapes, and small-world shape values."""
     _check_constant_ranges(graph)
+    shapes, dtypes, values = _propagate(graph, input_shapes)
+    missing = [o for n in graph.nodes for o in n.output if o and o not in shapes]
+    if missing:
+        n = graph.producer[missing[0]]
+        raise WidenError(f"node {graph.node_name(n)!r} ({n.op_type}): shape of {missing[0]!r} could not be inferred")
+    return ShapeInfo(shapes, dtypes, values, dict(input_shapes))
+
+
+def _propagate(graph: Graph, input_shapes: dict[str, tuple]):
+    """(shapes, dtypes, values) of every tensor that inference reaches."""
     values: dict[str, np.ndarray] = {}
     shapes: dict[str, tuple] = {}
     dtypes: dict[str, int] = {}
@@ -93,11 +126,7 @@ def infer(graph: Graph, input_shapes: dict[str, tuple]) -> ShapeInfo:
         if set(new_values) <= set(values) and not grew:
             break
         values = new_values
-    missing = [o for n in graph.nodes for o in n.output if o and o not in shapes]
-    if missing:
-        n = graph.producer[missing[0]]
-        raise WidenError(f"node {graph.node_name(n)!r} ({n.op_type}): shape of {missing[0]!r} could not be inferred")
-    return ShapeInfo(shapes, dtypes, values, dict(input_shapes))
+    return shapes, dtypes, values
 
 
 def _onnx_infer(graph: Graph, input_shapes, values, extra=None):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from . import contrib_shapes
 from .apply import read_mapping
 from .errors import UsageError, WidenError
 from .graph import Graph
@@ -142,7 +143,7 @@ def _shape_sets(model, shapes):
     sets = [({"batch": 2, "sequence": 7}, None)]
     if dynamic:
         sets.append(({"batch": 1, "sequence": 13}, None))
-    return sets
+    return [(contrib_shapes.runnable_dims(graph, dims), fixed) for dims, fixed in sets]
 
 
 def validate(small, wide, factor: int | None = None, shapes: dict | None = None, atol: float = ATOL, rtol: float = RTOL,
