@@ -140,7 +140,7 @@ def test_builder_options_give_the_fused_ops(built):
 
 CASES = [(family, build, k, heads, kv) for (family, k, heads, kv) in WIDE for build in BUILDS
          if build == "fp32" or (family, k, heads, kv) == ("llama", 2, "keep", "tile")]
-CASES += [("llama", "fp16", 2, "grow", "tile")]
+CASES += [("llama", "fp16", 2, "grow", "tile"), ("llama", "fp16", 3, "keep", "tile")]
 
 
 @pytest.mark.parametrize("family,build,k,heads,kv", CASES)
