@@ -29,7 +29,7 @@ class PendingTensor:
     dims: tuple
     data_type: int
     source: str  # the small model's constant it comes from
-    values: Callable[[], np.ndarray] | None = None  # None: `proto` is written as it is
+    values: Callable[..., np.ndarray] | None = None  # values(out=None); None: `proto` is written as it is
     proto: onnx.TensorProto | None = None
     origin: onnx.TensorProto | None = None  # the small tensor it is computed from (read-ahead hints)
 
@@ -37,8 +37,12 @@ class PendingTensor:
     def nbytes(self) -> int:
         return math.prod(self.dims) * onnx.helper.tensor_dtype_to_np_dtype(self.data_type).itemsize
 
-    def array(self) -> np.ndarray:
-        arr = tensor_array(self.proto) if self.values is None else self.values()
+    def array(self, buffer: np.ndarray | None = None) -> np.ndarray:
+        """The values; computed into `buffer` (raw bytes, at least nbytes) where the rule can."""
+        out = None
+        if buffer is not None and self.values is not None and buffer.nbytes >= self.nbytes:
+            out = buffer[:self.nbytes].view(onnx.helper.tensor_dtype_to_np_dtype(self.data_type)).reshape(self.dims)
+        arr = tensor_array(self.proto) if self.values is None else self.values(out)
         if tuple(arr.shape) != tuple(self.dims):
             raise WidenError(f"internal error: tensor {self.name!r} came out {list(arr.shape)}, planned {list(self.dims)}")
         return arr
@@ -100,7 +104,7 @@ def rewrite(plan: Plan, on_read=None) -> tuple[onnx.ModelProto, list]:
                     const_nodes_to_replace[name] = value
                 else:
                     pending.append(PendingTensor(new_name, tuple(np.shape(value)), _onnx_type(np.asarray(value).dtype), name,
-                                                 values=lambda v=value: np.asarray(v)))
+                                                 values=lambda out=None, v=value: np.asarray(v)))
     for n in graph.node:
         if n.op_type == "Constant" and n.output[0] in const_nodes_to_replace:
             v = const_nodes_to_replace[n.output[0]]
@@ -137,8 +141,8 @@ def _pending(g, name: str, new_name: str, recipe, on_read=None) -> PendingTensor
         return PendingTensor(new_name, tuple(t.dims), t.data_type, name, proto=t, origin=t)
     if recipe.value is not None:
         value = np.asarray(recipe.value)
-        return PendingTensor(new_name, tuple(value.shape), _onnx_type(value.dtype), name, values=lambda: value)
-    return PendingTensor(new_name, recipe.wide_dims(t.dims), t.data_type, name, values=lambda: recipe.compute(read()), origin=t)
+        return PendingTensor(new_name, tuple(value.shape), _onnx_type(value.dtype), name, values=lambda out=None: value)
+    return PendingTensor(new_name, recipe.wide_dims(t.dims), t.data_type, name, values=lambda out=None: recipe.compute(read(), out), origin=t)
 
 
 def _without_initializers(model):

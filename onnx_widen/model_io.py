@@ -169,6 +169,8 @@ def nonfinite(arr: np.ndarray) -> int:
     nan = inf = 0
     for i in range(0, flat.size, step):
         c = np.asarray(flat[i:i + step], dtype=np.float32)
+        if c.size and np.isfinite(c.min()) and np.isfinite(c.max()):
+            continue  # min and max see any NaN or inf: two reductions, no temporary
         nan += int(np.count_nonzero(np.isnan(c)))
         inf += int(np.count_nonzero(np.isinf(c)))
     return 0 if flat.size == 1 and not nan else nan + inf

@@ -157,7 +157,8 @@ class Recipe:
             return tuple(self.value.shape)
         return tuple(lay.wide if lay is not None else n for lay, n in zip(self.layouts, small_dims))
 
-    def compute(self, original: np.ndarray) -> np.ndarray:
+    def compute(self, original: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The wide values (in `out` where the rule writes its result in one piece)."""
         if self.value is not None:
             return self.value
         widened = [i for i, l in enumerate(self.layouts) if l is not None and not l.identity]
@@ -173,10 +174,11 @@ class Recipe:
         # whether they are zero or the mean.
         mean = {i for i, lay in enumerate(self.layouts) if lay is not None and lay.has_mean_units}
         read = (self.param.read_axes - mean) | self.zero_mean
-        out = rules.widen_tensor(original, list(self.layouts), read, self.factor)
+        direct = self.noise is None and out is not None and out.dtype == original.dtype
+        wide = rules.widen_tensor(original, list(self.layouts), read, self.factor, out if direct else None)
         if self.noise is not None:
-            out = rules.symmetry_breaking_noise(out, original, list(self.layouts), self.param.read_axes, *self.noise)
-        return rules.cast_back(out, original.dtype, self.param.name)
+            wide = rules.symmetry_breaking_noise(wide, original, list(self.layouts), self.param.read_axes, *self.noise)
+        return rules.cast_back(wide, original.dtype, self.param.name)
 
 
 @dataclass

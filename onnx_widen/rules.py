@@ -6,6 +6,7 @@ tensor plays which role and how scales relate (see scales.py).
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -34,7 +35,7 @@ NORM_PARAMS = ("gamma", "beta")
 CENTRED_NORM_OPS = ("LayerNormalization", "SkipLayerNormalization")
 
 
-def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np.ndarray:
+def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float, out: np.ndarray | None = None) -> np.ndarray:
     """Linear layer rule W~[i, j] = c / (a * k_in) * W[i // k_in, j // k_out], in general form:
     copy every axis by its layout, divide each axis that is summed against a widened input by
     the copies of its unit, and multiply by the scale factor c / a (or c for biases, gains, tables).
@@ -44,7 +45,7 @@ def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np
 
     The arithmetic is done on the small tensor, then copied: a copy does not change a value, so
     this is the same float result with k**2 times less arithmetic, and the wide tensor is made
-    in one pass where every axis is a plain repeat."""
+    in one pass where every axis is a plain repeat (into `out` if given and it fits)."""
     # float32/float64 stay as they are (copies are exact, one rounding per factor); narrower floats
     # (float16, bfloat16) are computed in float32 and cast back once by `cast_back`.
     small = arr if arr.dtype in (np.float32, np.float64) else arr.astype(np.float32)
@@ -63,18 +64,20 @@ def widen_tensor(arr: np.ndarray, layouts: list, read_axes, factor: float) -> np
     if factor != 1.0:
         small = small * small.dtype.type(factor)
     mean_axes = {a for a, lay in enumerate(layouts) if lay is not None and lay.has_mean_units and a not in read_axes}
-    return expand(contiguous(small), layouts, mean_axes)
+    return expand(contiguous(small), layouts, mean_axes, out)
 
 
-def expand(small: np.ndarray, layouts: list, mean_axes=()) -> np.ndarray:
+def expand(small: np.ndarray, layouts: list, mean_axes=(), out: np.ndarray | None = None) -> np.ndarray:
     """Copy every axis of `small` by its layout (zeros where src = ZERO, and where src = MEAN
     unless the axis is in mean_axes: there the mean of the small units)."""
     repeats = [_plain_repeat(lay, n) for lay, n in zip(layouts, small.shape)]
     if all(r is not None for r in repeats):
         # [n0, r0, n1, r1, ...] <- small[:, None, :, None, ...]: one write per output element.
-        out = np.empty(tuple(n * r for n, r in zip(small.shape, repeats)), dtype=small.dtype)
+        shape = tuple(n * r for n, r in zip(small.shape, repeats))
+        if out is None or out.shape != shape or out.dtype != small.dtype:
+            out = np.empty(shape, dtype=small.dtype)
         split = out.reshape([d for n, r in zip(small.shape, repeats) for d in (n, r)])
-        split[...] = small.reshape([d for n in small.shape for d in (n, 1)])
+        _parallel_copy(split, small.reshape([d for n in small.shape for d in (n, 1)]))
         return out
     out = small
     for axis, lay in enumerate(layouts):
@@ -90,6 +93,30 @@ def expand(small: np.ndarray, layouts: list, mean_axes=()) -> np.ndarray:
                 mean = np.moveaxis(before.mean(axis=axis, keepdims=True, dtype=np.float64), axis, 0)[0]
                 np.moveaxis(out, axis, 0)[src == MEAN] = mean.astype(out.dtype)
     return out
+
+
+PARALLEL_MIN_BYTES = 1 << 26  # below this a copy is done in one piece
+
+
+def _parallel_copy(dst: np.ndarray, src: np.ndarray):
+    """dst[...] = src (src broadcast), in row blocks on every core: numpy's copy loop releases the
+    GIL, and one core fills memory at a fraction of what the disk takes."""
+    workers = min(8, os.cpu_count() or 1)
+    rows = dst.shape[0] if dst.ndim else 0
+    if workers < 2 or dst.nbytes < PARALLEL_MIN_BYTES or rows < 2 * workers:
+        dst[...] = src
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = np.linspace(0, rows, workers + 1).astype(int)
+    src_rows = src.shape[0] if src.ndim == dst.ndim else 1
+
+    def part(i):
+        a, b = bounds[i], bounds[i + 1]
+        dst[a:b] = src[a:b] if src_rows == rows else src
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(part, range(workers)))
 
 
 def contiguous(a: np.ndarray) -> np.ndarray:

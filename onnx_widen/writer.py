@@ -100,12 +100,16 @@ class _Pipe:
     """Chunks go to the file in order from a writer thread, so disk writes overlap with the
     computation of the next tensor (numpy and os.write both release the GIL)."""
 
-    def __init__(self, fd: int, target: str, progress=None, flush_behind: bool = False):
+    def __init__(self, fd: int, target: str, progress=None, flush_behind: bool = False, buffer_bytes: int = 0):
         self.fd = fd
         self.target = target
         self.cache = _PageCache(fd) if flush_behind else None
         self.progress = progress
         self.slots = threading.Semaphore(IN_FLIGHT)
+        # IN_FLIGHT reusable buffers of the largest tensor: a fresh allocation per tensor would be
+        # mapped and zeroed by the kernel page by page every time (as slow as filling it).
+        self.buffer_bytes = buffer_bytes
+        self.free: list = []
         self.jobs: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.stop = threading.Event()
@@ -113,25 +117,32 @@ class _Pipe:
         self.thread.start()
 
     def reserve(self):
+        """Wait for a slot; returns the slot's buffer (None when tensors are small)."""
         self.slots.acquire()
         self._check()
+        if not self.buffer_bytes:
+            return None
+        return self.free.pop() if self.free else np.empty(self.buffer_bytes, dtype=np.uint8)
 
-    def send(self, chunks: list, tensor_done: bool = False):
-        self.jobs.put((chunks, tensor_done))
+    def send(self, chunks: list, tensor_done: bool = False, buffer=None):
+        self.jobs.put((chunks, tensor_done, buffer))
 
     def _run(self):
         while True:
             job = self.jobs.get()
             if job is None:
                 return
-            tensor_done = job[1]
+            tensor_done, buffer = job[1], job[2]
             self._do(job)
             del job  # the tensor's memory goes before its slot does
+            if buffer is not None:
+                self.free.append(buffer)
+            del buffer
             if tensor_done:
                 self.slots.release()
 
     def _do(self, job):
-        chunks, tensor_done = job
+        chunks, tensor_done, _ = job
         try:
             if self.error is None and not self.stop.is_set():
                 n = 0
@@ -176,12 +187,21 @@ def _stream_tensors(pipe: _Pipe, pending, frame):
         nxt = pending[i + 1] if i + 1 < len(pending) else None
         if nxt is not None:
             _advise_input(nxt, "WILLNEED")
-        pipe.reserve()
-        raw = _raw(p.array()) if _streamed(p) else None
-        pipe.send(frame(p, raw), tensor_done=True)
-        del raw
+        buffer = pipe.reserve()
+        raw = _raw(p.array(buffer)) if _streamed(p) else None
+        pipe.send(frame(p, raw), tensor_done=True, buffer=buffer)
+        del raw, buffer
         if pipe.cache is not None and (nxt is None or nxt.origin is not p.origin):
             _advise_input(p, "DONTNEED")
+
+
+POOL_MIN_BYTES = 1 << 22  # below this, tensors are allocated as they come
+
+
+def _buffer_bytes(pending) -> int:
+    """Size of the reusable buffers: the largest tensor computed into one (0: no pool)."""
+    largest = max((_nbytes(p) for p in pending if p.values is not None), default=0)
+    return largest if largest >= POOL_MIN_BYTES else 0
 
 
 def _advise_input(p, advice: str):
@@ -302,7 +322,7 @@ class SingleFile(Written):
         if total > model_io.PROTOBUF_LIMIT:
             raise WidenError(f"internal error: a {total} byte model cannot be one ONNX file")
         tick = progress(len(_len_field(GRAPH_FIELD, graph_len)) + graph_len, len(pending)) if progress else None
-        pipe = _Pipe(self.fd, self.out, tick, flush_behind=graph_len >= FLUSH_BEHIND_BYTES)
+        pipe = _Pipe(self.fd, self.out, tick, flush_behind=graph_len >= FLUSH_BEHIND_BYTES, buffer_bytes=_buffer_bytes(pending))
         ok = False
         try:
             pipe.send([_len_field(GRAPH_FIELD, graph_len), head])
@@ -408,7 +428,7 @@ class ExternalData(Written):
             return [bytes(pads[id(p)]), raw] if pads[id(p)] else [raw]
 
         tick = progress(offset, len(streamed)) if progress else None
-        pipe = _Pipe(fd, self.out, tick, flush_behind=offset >= FLUSH_BEHIND_BYTES)
+        pipe = _Pipe(fd, self.out, tick, flush_behind=offset >= FLUSH_BEHIND_BYTES, buffer_bytes=_buffer_bytes(streamed))
         ok = False
         try:
             _stream_tensors(pipe, streamed, frame)

@@ -41,10 +41,10 @@ def test_a_wrong_rule_is_caught_and_located(tmp_path, monkeypatch, capsys):
 
     original = rules.widen_tensor
 
-    def wrong(arr, layouts, read_axes, factor):
+    def wrong(arr, layouts, read_axes, factor, out=None):
         if arr.ndim == 2 and arr.shape[0] > arr.shape[1]:  # [ffn, hidden]: the down projection
-            return original(arr, layouts, (), factor)
-        return original(arr, layouts, read_axes, factor)
+            return original(arr, layouts, (), factor, out)
+        return original(arr, layouts, read_axes, factor, out)
 
     monkeypatch.setattr(rules, "widen_tensor", wrong)
     from onnx_widen.cli import main

@@ -102,8 +102,8 @@ def test_at_most_two_wide_tensors_are_alive(tmp_path, monkeypatch):
     alive, peak = [0], [0]
     original = PendingTensor.array
 
-    def tracked(self):
-        arr = original(self)
+    def tracked(self, buffer=None):
+        arr = original(self, buffer)
         if arr.nbytes > 4096:
             alive[0] += 1
             peak[0] = max(peak[0], alive[0])
@@ -190,3 +190,25 @@ def test_non_finite_external_weights_are_counted_as_they_stream(tmp_path):
         s = widen_file(path, str(tmp_path / out), 2, validate=False)
         assert s["nonfinite"] == {"count": 2, "tensors": {big.name: 2}}
         assert s["notes"][0].startswith("2 non-finite weight values")
+
+
+@pytest.mark.parametrize("ext", [None, "w.data"])
+def test_reused_buffers_give_the_same_tensors(tmp_path, monkeypatch, ext):
+    """Tensors computed into the writer's reusable buffers (forced on for a small model): the same
+    bytes as computed alone, and never more buffers than tensors in flight."""
+    made = []
+    original = writer._Pipe.reserve
+
+    def reserve(self):
+        buf = original(self)
+        if buf is not None and all(buf is not b for b in made):
+            made.append(buf)
+        return buf
+
+    monkeypatch.setattr(writer, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(writer._Pipe, "reserve", reserve)
+    out = tmp_path / "wide.onnx"
+    assert widen_file(LLAMA, str(out), 2, external_data=ext)["validation"]["ok"]
+    assert 1 <= len(made) <= writer.IN_FLIGHT
+    got, want = _arrays(onnx.load(str(out))), _arrays(widen(LLAMA, factor=2))
+    assert all(np.array_equal(got[k], want[k]) for k in want)
