@@ -97,13 +97,15 @@ def _splits_in_halves(an, name, depth=3):
 
 
 def _looks_like_sincos(table):
-    """Row 0 is [sin 0 | cos 0] = [0 | 1] and row 1 has sin^2 + cos^2 = 1: a sin|cos cache."""
+    """Row 0 is [sin 0 | cos 0] = [0 | 1] and row 1 has sin^2 + cos^2 = 1: a sin|cos cache (to the
+    rounding of its own type: a float16 table holds each value to 2**-11)."""
     rows = table.reshape(-1, table.shape[-1]).astype(np.float64)
     n = rows.shape[1] // 2
     if rows.shape[0] < 2 or rows.shape[1] % 2:
         return False
+    tol = 1e-4 if np.dtype(table.dtype).itemsize >= 4 else 4e-3
     return (np.allclose(rows[0, :n], 0, atol=1e-6) and np.allclose(rows[0, n:], 1, atol=1e-6)
-            and np.allclose(rows[1, :n] ** 2 + rows[1, n:] ** 2, 1, atol=1e-4))
+            and np.allclose(rows[1, :n] ** 2 + rows[1, n:] ** 2, 1, atol=tol))
 
 
 def _is_cache_lookup(an, node):

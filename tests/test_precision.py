@@ -18,7 +18,8 @@ def to_fp16(name):
     return float16.convert_float_to_float16(onnx.load(str(SAMPLES / name)), keep_io_types=True)
 
 
-@pytest.mark.parametrize("name", ["bert/bert_ts17.onnx", "gpt2/gpt2_dyn18.onnx", "llama/llama_ts17.onnx", "qwen2/qwen2_dyn18.onnx"])
+@pytest.mark.parametrize("name", ["bert/bert_ts17.onnx", "gpt2/gpt2_dyn18.onnx", "llama/llama_ts17.onnx", "qwen2/qwen2_dyn18.onnx",
+                                  "gptj/gptj_ts17.onnx", "gptj/gptj_dyn18.onnx", "neox/neox_ts17.onnx", "t5/t5_ts17.onnx"])
 def test_float16_exports_widen_and_stay_as_close_to_float32_as_the_small_model(name):
     small = to_fp16(name)
     assert precision.narrow_dtype(small) == "float16"
