@@ -107,7 +107,7 @@ def broadcast_axes(an, node, inputs, skip_axis=None):
         shape = an.shape(name)
         for j, oj in enumerate(aligned(an, name, len(oshape))):
             if axes[oj] is not None and shape[j] != 1 and oj != skip_axis:
-                fills = uniform_fills(an, name, j - len(shape))
+                fills = constant_sources(an, name, j - len(shape), axes[oj])
                 if fills:
                     grow_fills(an, fills, axes[oj])
                     continue
@@ -121,19 +121,21 @@ ELEMENTWISE = {"Where", "Add", "Sub", "Mul", "Div", "Max", "Min", "Cast", "Ident
                "And", "Or", "Not"}
 
 
-def uniform_fills(an, name, axis: int, depth: int = 0):
-    """[(ConstantOfShape node, its output axis)] when `name` holds the same value all along `axis`
-    (counted from the end) because it is made from ConstantOfShape fills by elementwise ops whose
-    other inputs have size 1 there (T5's zero position bias of cross-attention, one per head);
-    else None. Such a tensor is exactly its own repeat along that axis, whatever the layout."""
+def constant_sources(an, name, axis: int, sym, depth: int = 0):
+    """[(node, constant or None, axis)] when `name` is made, by elementwise ops, from constants
+    and data of size 1 along `axis` (counted from the end): ConstantOfShape fills (the same all
+    along it) and constants that are the same along it, or, on a heads axis, constants per head
+    (T5's relative position bias, folded by the dynamo export): a new head copies its source head
+    whole, its bias too. Growing those sources along the axis widens `name` exactly; else None."""
     node = an.graph.producer.get(name)
     shape = an.shape(name)
     if node is None or depth > 12 or len(shape) < -axis:
         return None
     if node.op_type == "ConstantOfShape":
-        return [(node, len(shape) + axis)]
+        return [(node, None, len(shape) + axis)]
     if node.op_type not in ELEMENTWISE:
         return None
+    per_head = "heads" in sym.find().tags
     fills = []
     for i in node.input:
         if not i:
@@ -141,22 +143,37 @@ def uniform_fills(an, name, axis: int, depth: int = 0):
         s = an.shape(i)
         if len(s) < -axis or s[axis] == 1:
             continue
-        sub = uniform_fills(an, i, axis, depth + 1)
+        if an.graph.is_const(i):
+            if an.graph.const_size(i) > UNIFORM_CONST_MAX:
+                return None
+            v = np.asarray(an.graph.const(i))
+            if not per_head and not np.array_equal(v, np.broadcast_to(np.take(v, [0], axis=axis), v.shape)):
+                return None
+            fills.append((node, i, len(s) + axis))
+            continue
+        sub = constant_sources(an, i, axis, sym, depth + 1)
         if sub is None:
             return None
         fills += sub
     return fills or None
 
 
-def grow_fills(an, fills, sym):
-    """The fills' shape operands take the wide size of `sym` on their axes (entries rewritten by
-    role through the shape subgraph, like a Reshape's)."""
-    import numpy as np
+UNIFORM_CONST_MAX = 1 << 22  # elements: a bias per head and position pair is far smaller
 
+
+def grow_fills(an, fills, sym):
+    """A ConstantOfShape's shape operand takes the wide size of `sym` on the fill's axis (entries
+    rewritten by role through the shape subgraph, like a Reshape's); a constant takes the axis's
+    layout (a parameter of factor 1: what it is added to keeps unit scale, like attention scores)."""
     from .analysis import ShapeUse
 
     grown = an.__dict__.setdefault("_grown_fills", {})
-    for node, axis in fills:
+    for node, const, axis in fills:
+        if const is not None:
+            axes = [None] * len(an.shape(const))
+            axes[axis] = sym
+            an.param(const, node, axes, {}, role="uniform fill")
+            continue
         if id(node) not in grown:
             grown[id(node)] = {}
 

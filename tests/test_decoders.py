@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_widen import WidenError, validate, widen
+from onnx_widen import validate, widen
 from onnx_widen.apply import read_mapping
 from onnx_widen.validation import make_inputs
 
@@ -109,10 +109,16 @@ def test_t5_head_count_growth_grows_the_zero_cross_attention_bias(name):
     assert (8,) in heads and (4,) not in heads  # the shape operand's head count, by role
 
 
-def test_t5_head_growth_refuses_a_folded_bias_by_name():
-    """The dynamo export folds that zero bias into a constant: not yet widened, refused naming the node."""
-    with pytest.raises(WidenError, match=r"node 'node_Add_\d+' \(Add\): input 'where_\d+' spans a widened axis"):
-        widen(load_sample("t5_dyn18"), factor=2, heads="grow")
+@pytest.mark.parametrize("name", ["t5_dyn18", "t5v11_dyn18"])
+def test_t5_head_growth_copies_the_folded_bias_of_each_head(name):
+    """The dynamo export folds the position bias (and the zero cross-attention bias) into constants
+    [1, heads, q, k], masked by Where: every new head copies its source head's bias."""
+    small = load_sample(name)
+    for opts in (dict(factor=2, heads="grow"), dict(num_heads=6)):
+        wide = widen(small, **opts)
+        assert _err(small, wide) < 2e-5
+        biases = [t for t in wide.graph.initializer if len(t.dims) == 4 and t.dims[0] == 1 and t.dims[2] == t.dims[3] == 7]
+        assert biases and all(t.dims[1] == (8 if "heads" in opts else 6) for t in biases)
 
 
 @pytest.mark.parametrize("k", [2, 3])

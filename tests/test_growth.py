@@ -48,6 +48,8 @@ HEADS_GROW = [
     ("bert_dyn18", "tile", dict(hidden_size=128, num_attention_heads=8, intermediate_size=512)),
     ("llama_ts17", "tile", dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256, head_dim=16)),
     ("llama_dyn18", "keep", dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256, head_dim=16)),
+    ("t5_ts17", "tile", dict(d_model=128, num_heads=8, d_kv=16, d_ff=256)),
+    ("t5v11_dyn18", "tile", dict(d_model=128, num_heads=8, d_kv=16, d_ff=256)),
 ]
 
 
