@@ -22,6 +22,7 @@ SWEEP = [(f"{fam}_{exporter}", "gpt2" if fam == "gpt2" else "bert", level)
          for fam in ENCODERS + ("gpt2",) for exporter in ("ts17", "dyn18") for level in (0, 1)]
 # Level 99 folds the dynamo exports' position ids, and the embedding layer fuses.
 SWEEP += [("roberta_dyn18", "bert", 99), ("xlmr_dyn18", "bert", 99)]
+SWEEP += [("bert_ts14", "bert", level) for level in (0, 1)]  # opset 14: decomposed LayerNorm, fused here
 EMBED_FUSED = {("distilbert_dyn18", 0), ("roberta_dyn18", 99), ("xlmr_dyn18", 99)}
 if ortopt.ATTENTION:  # with fused attention the eager BERT's embedding layer fuses too (with the mask)
     EMBED_FUSED |= {("bert_eager_ts17", 0), ("bert_eager_ts17", 1)}
@@ -82,6 +83,7 @@ DECODERS = [(f"{fam}_{exporter}", model_type, fused)
                                            ("t5", "t5", "SkipSimplifiedLayerNormalization"),
                                            ("t5v11", "t5", "SkipSimplifiedLayerNormalization"))
             for exporter in ("ts17", "dyn18")]
+DECODERS += [("llama_trap_dyn18", "gpt2", "SkipSimplifiedLayerNormalization")]
 
 
 @pytest.mark.parametrize("name,model_type,fused", DECODERS)
