@@ -615,8 +615,9 @@ def _fsync_dir(folder):
 
 
 def _remove_stale_temps(folder):
-    """Named temporaries of earlier runs that were killed (the fallback path only): remove those
-    whose process is gone and that have not been touched for a minute."""
+    """Named temporaries of earlier runs that were killed (the fallback path, and the hidden folder
+    an external-data output is built in): remove those whose process is gone and that have not
+    been touched for a minute."""
     try:
         names = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX) and n.endswith(TMP_SUFFIX)]
     except OSError:
@@ -634,7 +635,12 @@ def _remove_stale_temps(folder):
                 pass
             except PermissionError:
                 continue
-            os.unlink(full)
+            if os.path.isdir(full) and not os.path.islink(full):
+                import shutil
+
+                shutil.rmtree(full, ignore_errors=True)
+            else:
+                os.unlink(full)
         except OSError:
             continue
 

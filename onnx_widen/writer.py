@@ -495,6 +495,7 @@ def write(skeleton: onnx.ModelProto, pending, out: str, external: str | None = N
     """Write the model under a temporary name. `external`: the data file's name, or None for one
     file (a model that cannot be one file gets OUT's name + '.data'). `progress`: a factory
     progress(total_bytes, tensors) -> tick(bytes, tensor_done), called once the layout is known."""
+    model_io._remove_stale_temps(os.path.dirname(os.path.abspath(out)))
     if external is None and estimate_size(skeleton, pending) > model_io.PROTOBUF_LIMIT - (1 << 20):
         external = default_data_name(out)
     w = ExternalData(out, skeleton, external) if external else SingleFile(out, skeleton)

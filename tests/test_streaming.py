@@ -212,3 +212,17 @@ def test_reused_buffers_give_the_same_tensors(tmp_path, monkeypatch, ext):
     assert 1 <= len(made) <= writer.IN_FLIGHT
     got, want = _arrays(onnx.load(str(out))), _arrays(widen(LLAMA, factor=2))
     assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL leaves the hidden folder an external-data output is built in; the next run in that
+    folder removes it once its process is gone and it is a minute old."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{model_io.TMP_PREFIX}{dead.pid}-deadbeef{model_io.TMP_SUFFIX}"
+    stale.mkdir()
+    (stale / "wide.onnx.data").write_bytes(b"partial")
+    old = time.time() - 120
+    os.utime(stale, (old, old))
+    widen_file(BERT, str(tmp_path / "wide.onnx"), 2, validate=False, external_data="wide.onnx.data")
+    assert sorted(os.listdir(tmp_path)) == ["wide.onnx", "wide.onnx.data"]
