@@ -13,7 +13,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import WidenError
-from .model_io import is_external, tensor_array
+from .model_io import data_bytes, is_external, tensor_array
 from .plan import Plan
 from .rules import contiguous
 
@@ -35,6 +35,8 @@ class PendingTensor:
 
     @property
     def nbytes(self) -> int:
+        if self.values is None and (n := data_bytes(self.proto)) is not None:
+            return n  # as stored (packed sub-byte types included)
         return math.prod(self.dims) * onnx.helper.tensor_dtype_to_np_dtype(self.data_type).itemsize
 
     def array(self, buffer: np.ndarray | None = None) -> np.ndarray:
@@ -175,15 +177,18 @@ def _set_meta(model, key, value):
 
 
 def read_mapping(model: onnx.ModelProto):
-    from .errors import WidenError
-
     for p in model.metadata_props:
         if p.key == MAPPING_KEY:
-            try:
-                data = json.loads(p.value)
-                if not isinstance(data, dict) or not isinstance(data.get("tensors", {}), dict):
-                    raise ValueError("not a mapping")
-                return data
-            except ValueError as e:
-                raise WidenError(f"metadata {MAPPING_KEY!r} of the wide model is not valid ({e})") from None
+            return parse_mapping(p.value)
     return None
+
+
+def parse_mapping(text: str) -> dict:
+    """The io mapping stored as the metadata entry MAPPING_KEY (from a ModelProto or onnxruntime)."""
+    try:
+        data = json.loads(text)
+        if not isinstance(data, dict) or not isinstance(data.get("tensors", {}), dict):
+            raise ValueError("not a mapping")
+        return data
+    except ValueError as e:
+        raise WidenError(f"metadata {MAPPING_KEY!r} of the wide model is not valid ({e})") from None

@@ -29,7 +29,6 @@ from .errors import WidenError
 from .model_io import FLOAT_TYPES, PROTOBUF_LIMIT, data_bytes
 
 PROCESS_OVERHEAD = 300 << 20  # Python, numpy, onnx, onnxruntime, the graph without its weights
-TENSORS_IN_MEMORY = 2  # writer.IN_FLIGHT: one wide tensor written while the next is computed
 
 
 def human(n: float) -> str:
@@ -222,30 +221,32 @@ class Budget:
         return out
 
 
-def ram_needed(output_bytes: int, small_bytes: int, largest: int, validate: bool = True, small_in_memory: bool = True,
-               narrow: bool = False) -> int:
-    ram = PROCESS_OVERHEAD + TENSORS_IN_MEMORY * largest * (2 if narrow else 1)
-    if small_in_memory:
-        ram += small_bytes
+def ram_needed(model: onnx.ModelProto, output_bytes: int, largest: int, validate: bool = True) -> int:
+    """The small model if it is in memory, two wide tensors (widened in float32 for float16 and
+    bfloat16), and onnxruntime's copies of both models when it validates a single file."""
+    from .precision import narrow_dtype
+    from .writer import IN_FLIGHT
+
+    small = model_bytes(model)
+    ram = PROCESS_OVERHEAD + IN_FLIGHT * largest * (2 if narrow_dtype(model) else 1)
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        ram += small  # external data is memory-mapped, read a tensor at a time
     if validate and output_bytes <= PROTOBUF_LIMIT:
-        ram += small_bytes + output_bytes  # onnxruntime reads a single-file model into memory
+        ram += small + output_bytes
     return int(ram)
 
 
-def budget(output_bytes: int, small_bytes: int, out_path: str, validate: bool = True, largest: int | None = None,
-           small_in_memory: bool = True, narrow: bool = False) -> Budget:
+def budget(model: onnx.ModelProto, output_bytes: int, largest: int, out_path: str, validate: bool = True) -> Budget:
     folder = os.path.dirname(os.path.abspath(out_path))
-    largest = output_bytes if largest is None else largest
-    ram = ram_needed(output_bytes, small_bytes, largest, validate, small_in_memory, narrow)
+    ram = ram_needed(model, output_bytes, largest, validate)
     return Budget(int(output_bytes), ram, available_ram(), int(output_bytes), free_disk(folder), folder)
 
 
-def check(output_bytes: int, small_bytes: int, out_path: str, factor: int, validate: bool = True, estimated: str = "",
-          largest: int | None = None, small_in_memory: bool = True, narrow: bool = False) -> Budget:
-    b = budget(output_bytes, small_bytes, out_path, validate, largest, small_in_memory, narrow)
+def check(model: onnx.ModelProto, output_bytes: int, largest: int, out_path: str, factor: int, validate: bool = True) -> Budget:
+    b = budget(model, output_bytes, largest, out_path, validate)
     problems = b.problems()
     if problems:
-        raise WidenError(f"factor {factor} is too large: the widened model would be about {human(output_bytes)}{estimated}; "
+        raise WidenError(f"factor {factor} is too large: the widened model would be about {human(output_bytes)}; "
                          + "; ".join(problems))
     return b
 
@@ -257,13 +258,11 @@ def preflight(model: onnx.ModelProto, opts, out_path: str, validate: bool = True
     import dataclasses
 
     factor = opts.factor
-    small = model_bytes(model)
-    in_memory = not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     ub, largest = _upper(model, max(factor, opts.ffn))
-    if not budget(ub, small, out_path, validate, largest, in_memory).problems():
+    if not budget(model, ub, largest, out_path, validate).problems():
         return None
     from .api import build_plan
 
     probe = build_plan(model, dataclasses.replace(opts, factor=2))
-    check(extrapolate(probe, factor), small, out_path, factor, validate, largest=largest, small_in_memory=in_memory)
+    check(model, extrapolate(probe, factor), largest, out_path, factor, validate)
     return probe if factor == 2 else None

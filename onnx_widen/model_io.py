@@ -436,6 +436,12 @@ def _external_entries(t: TensorProto) -> dict:
     return {e.key: e.value for e in t.external_data}
 
 
+def external_range(t: TensorProto) -> tuple:
+    """(file, offset, length) of an external tensor."""
+    e = _external_entries(t)
+    return e.get("location", ""), int(e.get("offset") or 0), int(e.get("length") or 0) or data_bytes(t) or 0
+
+
 def is_external(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL
 
@@ -450,16 +456,15 @@ def tensor_array(t: TensorProto) -> np.ndarray:
     dropped with the array, so widening never holds the whole input in memory."""
     if not is_external(t):
         return numpy_helper.to_array(t)
-    e = _external_entries(t)
+    location, offset, _ = external_range(t)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-    offset = int(e.get("offset") or 0)
     shape = tuple(t.dims)
     count = math.prod(shape)
     if count * np.dtype(dtype).itemsize < _MAP_MIN_BYTES:
-        with open(e["location"], "rb") as f:
+        with open(location, "rb") as f:
             f.seek(offset)
             return np.fromfile(f, dtype=dtype, count=count).reshape(shape)
-    return np.memmap(e["location"], dtype=dtype, mode="r", offset=offset, shape=shape)
+    return np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 # ---- saving --------------------------------------------------------------------------------------
@@ -482,20 +487,67 @@ def write_bytes_atomic(data: bytes, path: str):
     if not os.path.isdir(folder):
         raise UsageError(f"{path}: output folder does not exist")
     _remove_stale_temps(folder)
-    fd = None
-    if _anonymous_files_work(folder):
-        try:
-            fd = os.open(folder, os.O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
-        except (AttributeError, OSError):
-            fd = None  # no O_TMPFILE (not Linux, or the file system lacks it): a named temporary file
     try:
-        if fd is not None:
-            _write_anonymous(fd, data, folder, path)
-        else:
-            _write_named(data, folder, path)
+        f = TempFile(folder)
     except OSError as e:
         raise WidenError(f"cannot write {path}: {e.strerror or e}") from None
-    _fsync_dir(folder)
+    try:
+        _write_all(f.fd, data)
+        f.commit(path)
+    except OSError as e:
+        f.discard()
+        raise WidenError(f"cannot write {path}: {e.strerror or e}") from None
+    except BaseException:
+        f.discard()
+        raise
+
+
+class TempFile:
+    """A file in `folder` that gets its name only on commit: anonymous (O_TMPFILE) where the OS
+    lets it be named later, so a killed run leaves nothing behind; else a named temporary, removed
+    on discard. `path` reads it back before the commit (onnxruntime validates it there)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.fd = None
+        self.tmp = None  # the name, when it has one
+        if _anonymous_files_work(folder) and os.path.isdir("/proc/self/fd"):
+            try:
+                self.fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o666)
+            except (AttributeError, OSError):
+                self.fd = None  # no O_TMPFILE (not Linux, or the file system lacks it)
+        if self.fd is None:
+            self.tmp = _tmp_name(folder)
+            self.fd = os.open(self.tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o666)
+
+    @property
+    def path(self) -> str:
+        return self.tmp or f"/proc/self/fd/{self.fd}"
+
+    def commit(self, dest: str):
+        """fsync, give the file its final name (atomically replacing what was there), close."""
+        try:
+            os.fsync(self.fd)
+            if self.tmp is None:
+                tmp = _tmp_name(self.folder)
+                _give_name(self.fd, tmp)
+                self.tmp = tmp
+            os.replace(self.tmp, dest)
+            self.tmp = None
+        finally:
+            self._close()
+        _fsync_dir(self.folder)
+
+    def discard(self):
+        self._close()
+        if self.tmp is not None and os.path.lexists(self.tmp):
+            os.unlink(self.tmp)
+        self.tmp = None
+
+    def _close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 _ANONYMOUS: dict = {}
@@ -541,46 +593,6 @@ def _anonymous_files_work(folder) -> bool:
 
 def _tmp_name(folder):
     return os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-
-
-def _write_anonymous(fd, data, folder, path):
-    tmp = None
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-        tmp = _tmp_name(folder)
-        try:
-            _give_name(fd, tmp)
-        except OSError:
-            # /proc not mounted: fall back to a named file (the anonymous one vanishes on close).
-            tmp = None
-            os.close(fd)
-            fd = None
-            _write_named(data, folder, path)
-            return
-        os.replace(tmp, path)
-        tmp = None
-    finally:
-        if fd is not None:
-            os.close(fd)
-        if tmp is not None and os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
-def _write_named(data, folder, path):
-    tmp = _tmp_name(folder)
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _write_all(fd, data):

@@ -117,20 +117,10 @@ def session(model, provider: str = "cpu"):
 
 def _session_mapping(sess):
     """The wide model's io mapping, from the metadata onnxruntime read with it."""
-    import json
-
-    from .apply import MAPPING_KEY
+    from .apply import MAPPING_KEY, parse_mapping
 
     text = sess.get_modelmeta().custom_metadata_map.get(MAPPING_KEY)
-    if text is None:
-        return None
-    try:
-        data = json.loads(text)
-        if not isinstance(data, dict) or not isinstance(data.get("tensors", {}), dict):
-            raise ValueError("not a mapping")
-    except ValueError as e:
-        raise WidenError(f"metadata {MAPPING_KEY!r} of the wide model is not valid ({e})") from None
-    return data
+    return None if text is None else parse_mapping(text)
 
 
 def _shape_sets(model, shapes):

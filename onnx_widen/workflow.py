@@ -11,7 +11,6 @@ import math
 import os
 import time
 
-import onnx
 
 from . import budget as budget_mod
 from . import plan as plan_mod
@@ -137,8 +136,7 @@ def widen_file(source: str, out: str, factor: int | None, residual: str = "repea
     plan = budget_mod.preflight(small, opts, out, validate) or build_plan(small, opts)
     check_widens(plan)
     size = budget_mod.from_plan(plan)
-    budget_mod.check(size, budget_mod.model_bytes(small), out, factor, validate, largest=budget_mod.largest_from_plan(plan),
-                     small_in_memory=not files, narrow=any(t.data_type in NARROW_FLOATS for t in small.graph.initializer))
+    budget_mod.check(small, size, budget_mod.largest_from_plan(plan), out, factor, validate)
 
     def count_external(t, values):  # counted as the writer reads them, not in a pass of their own
         if is_external(t) and t.data_type in FLOAT_TYPES and (n := count_values(values)):
@@ -151,7 +149,6 @@ def widen_file(source: str, out: str, factor: int | None, residual: str = "repea
         "matched": match_summary(plan.an), "params_before": count_params(small), "params_after": sum(math.prod(p.dims) for p in pending if p.data_type in FLOAT_TYPES),
         "notes": notes, "mapping": plan.io, "validation": None, "approximate": plan.approximate,
         **{k: v for k, v in opts.to_json().items() if k in targets and v is not None},
-        "nonfinite": {"count": sum(nonfinite.values()), "tensors": nonfinite},
         "estimated_output_bytes": size, "depth": plan.depth,
     }
     t2 = time.perf_counter()
@@ -163,9 +160,9 @@ def widen_file(source: str, out: str, factor: int | None, residual: str = "repea
         if written.external and external_data is None:
             notes.append(f"the model is over protobuf's 2 GiB limit for one file: weights written to {written.external} beside it")
         summary["output_bytes"] = written.bytes_written
+        summary["nonfinite"] = {"count": sum(nonfinite.values()), "tensors": nonfinite}  # external ones counted while writing
         if nonfinite:
             notes.insert(0, nonfinite_note(nonfinite))
-            summary["nonfinite"] = {"count": sum(nonfinite.values()), "tensors": nonfinite}
         if validate:
             from .validation import validate as run_validate
 
@@ -189,7 +186,6 @@ def widen_file(source: str, out: str, factor: int | None, residual: str = "repea
                 summary["validation_failure"] = failure
                 summary["time_s"] = times
                 return summary
-            record_provenance(skeleton, source, summary)
             written.set_metadata(*_validation_meta(summary))
         t4 = time.perf_counter()
         written.commit()
@@ -205,7 +201,6 @@ def validation_failed(summary: dict) -> bool:
     return val is not None and not val["ok"] and not summary.get("approximate")
 
 
-NARROW_FLOATS = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 # Locating the first diverging tensor runs both models with every intermediate as an output.
 LOCALIZE_MAX_BYTES = 1 << 30
 

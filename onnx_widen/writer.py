@@ -61,10 +61,6 @@ INITIALIZER_FIELD = 5  # GraphProto.initializer
 RAW_DATA_FIELD = 9  # TensorProto.raw_data
 
 
-def _header(p) -> bytes:
-    return _bare_tensor(p).SerializeToString()
-
-
 def _bare_tensor(p) -> TensorProto:
     t = TensorProto()
     t.name = p.name
@@ -85,14 +81,6 @@ def _raw(arr: np.ndarray) -> memoryview:
 def _streamed(p) -> bool:
     """Written from its values as raw bytes (else: the TensorProto as it is)."""
     return p.values is not None or model_io.is_external(p.proto)
-
-
-def _nbytes(p) -> int:
-    if p.values is None:
-        n = model_io.data_bytes(p.proto)
-        if n is not None:
-            return n
-    return p.nbytes
 
 
 # ---- the writer thread ----------------------------------------------------------------------------
@@ -200,7 +188,7 @@ POOL_MIN_BYTES = 1 << 22  # below this, tensors are allocated as they come
 
 def _buffer_bytes(pending) -> int:
     """Size of the reusable buffers: the largest tensor computed into one (0: no pool)."""
-    largest = max((_nbytes(p) for p in pending if p.values is not None), default=0)
+    largest = max((p.nbytes for p in pending if p.values is not None), default=0)
     return largest if largest >= POOL_MIN_BYTES else 0
 
 
@@ -209,14 +197,13 @@ def _advise_input(p, advice: str):
     t = p.origin
     if t is None or not model_io.is_external(t) or not hasattr(os, "posix_fadvise"):
         return
-    e = {x.key: x.value for x in t.external_data}
+    location, offset, length = model_io.external_range(t)
     try:
-        fd = os.open(e["location"], os.O_RDONLY)
-    except (OSError, KeyError):
+        fd = os.open(location, os.O_RDONLY)
+    except OSError:
         return
     try:
-        os.posix_fadvise(fd, int(e.get("offset") or 0), int(e.get("length") or 0) or model_io.data_bytes(t) or 0,
-                         getattr(os, f"POSIX_FADV_{advice}"))
+        os.posix_fadvise(fd, offset, length, getattr(os, f"POSIX_FADV_{advice}"))
     except OSError:
         pass
     finally:
@@ -286,36 +273,27 @@ class Written:
 
 
 class SingleFile(Written):
-    """One protobuf file, anonymous (O_TMPFILE) until committed where the OS allows it."""
+    """One protobuf file, a model_io.TempFile (anonymous where the OS allows it) until committed."""
 
     def __init__(self, out, skeleton):
         super().__init__(out, skeleton, None)
-        self.fd = None
-        self.tmp = None  # named temporary (no anonymous files here)
+        self.file = model_io.TempFile(self.folder)
+        self.fd = self.file.fd
+        self.runtime_path = self.file.path
         self.tail_at = 0
-        if model_io._anonymous_files_work(self.folder) and os.path.isdir("/proc/self/fd"):
-            try:
-                self.fd = os.open(self.folder, os.O_TMPFILE | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o666)
-                self.runtime_path = f"/proc/self/fd/{self.fd}"
-            except (AttributeError, OSError):
-                self.fd = None
-        if self.fd is None:
-            self.tmp = model_io._tmp_name(self.folder)
-            self.fd = os.open(self.tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o666)
-            self.runtime_path = self.tmp
 
     def write(self, pending, progress=None):
         graph = onnx.GraphProto()
         graph.CopyFrom(self.skeleton.graph)
         graph.ClearField("initializer")
         head = graph.SerializeToString()
-        headers = {id(p): _header(p) for p in pending if _streamed(p)}
+        headers = {id(p): _bare_tensor(p).SerializeToString() for p in pending if _streamed(p)}
 
         def entry_size(p):
             h = headers.get(id(p))
             if h is None:
                 return len(_len_field(INITIALIZER_FIELD, p.proto.ByteSize())) + p.proto.ByteSize()
-            return len(_entry_prefix(h, _nbytes(p))) + _nbytes(p)
+            return len(_entry_prefix(h, p.nbytes)) + p.nbytes
 
         graph_len = len(head) + sum(entry_size(p) for p in pending)
         total = len(_len_field(GRAPH_FIELD, graph_len)) + graph_len + len(self._tail())
@@ -359,31 +337,15 @@ class SingleFile(Written):
 
     def commit(self):
         try:
-            os.fsync(self.fd)
-            if self.tmp is None:
-                tmp = model_io._tmp_name(self.folder)
-                model_io._give_name(self.fd, tmp)
-                self.tmp = tmp
-            os.replace(self.tmp, self.out)
-            self.tmp = None
+            self.file.commit(self.out)
         except OSError as e:
+            self.file.discard()
             raise WidenError(f"cannot write {self.out}: {e.strerror or e}") from None
-        finally:
-            self._close()
-        model_io._fsync_dir(self.folder)
         self._done = True
 
     def discard(self):
-        self._close()
-        if self.tmp is not None and os.path.lexists(self.tmp):
-            os.unlink(self.tmp)
-        self.tmp = None
+        self.file.discard()
         self._done = True
-
-    def _close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 def _entry_prefix(header: bytes, nbytes: int) -> bytes:
@@ -409,7 +371,7 @@ class ExternalData(Written):
         fd = os.open(self.data_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o666)
         offset, pads, streamed = 0, {}, []
         for p in pending:
-            n = _nbytes(p)
+            n = p.nbytes
             if n < INLINE_BYTES or not _streamed(p) and p.proto.data_type == TensorProto.STRING:
                 self.initializers.append(p.tensor())
                 continue
@@ -423,8 +385,8 @@ class ExternalData(Written):
             offset += pad + n
 
         def frame(p, raw):
-            if len(raw) != _nbytes(p):
-                raise WidenError(f"internal error: tensor {p.name!r} has {len(raw)} bytes, planned {_nbytes(p)}")
+            if len(raw) != p.nbytes:
+                raise WidenError(f"internal error: tensor {p.name!r} has {len(raw)} bytes, planned {p.nbytes}")
             return [bytes(pads[id(p)]), raw] if pads[id(p)] else [raw]
 
         tick = progress(offset, len(streamed)) if progress else None
@@ -488,7 +450,7 @@ def check_data_name(name: str, out: str, input_files=()):
 
 def estimate_size(skeleton: onnx.ModelProto, pending) -> int:
     """Bytes of the single-file form."""
-    return skeleton.ByteSize() + sum(_nbytes(p) + 64 + len(p.name) + 10 * len(p.dims) for p in pending)
+    return skeleton.ByteSize() + sum(p.nbytes + 64 + len(p.name) + 10 * len(p.dims) for p in pending)
 
 
 def write(skeleton: onnx.ModelProto, pending, out: str, external: str | None = None, progress=None) -> Written:
