@@ -78,27 +78,22 @@ def total_ram() -> int:
 
 
 def main():
-    from synth import PRESETS
+    from synth import SHAPE_ARGS, add_shape_args, shape_of
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=["bert", "llama"], default="bert")
-    ap.add_argument("--size", choices=["100m", "1b"], default=None, help="preset shape (else --hidden etc.)")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--ffn", type=int, default=2048)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8000)
+    add_shape_args(ap, hidden=512, layers=4, ffn=2048, heads=8, vocab=8000)
     ap.add_argument("--factor", type=int, default=2)
     ap.add_argument("--no-validate", action="store_true", help="skip the validation run")
     ap.add_argument("--workdir", default=None, help="where the models go (default: a temporary folder)")
     ap.add_argument("--json", default="benchmarks/results.json")
     a = ap.parse_args()
-    shape = PRESETS[(a.family, a.size)] if a.size else (a.hidden, a.layers, a.ffn, a.heads, a.vocab)
+    shape = shape_of(a, a.family)
 
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
         src, out = os.path.join(tmp, "small.onnx"), os.path.join(tmp, "wide.onnx")
-        gen_s, _ = child([sys.executable, os.path.join(HERE, "synth.py"), a.family, "-o", src, "--hidden", str(shape[0]),
-                          "--layers", str(shape[1]), "--ffn", str(shape[2]), "--heads", str(shape[3]), "--vocab", str(shape[4])])
+        gen_s, _ = child([sys.executable, os.path.join(HERE, "synth.py"), a.family, "-o", src]
+                         + [arg for name, v in zip(SHAPE_ARGS, shape) for arg in (f"--{name}", str(v))])
         small_sizes = tensor_sizes(src)
         params = sum(small_sizes) // 4
         os.sync()
@@ -120,7 +115,7 @@ def main():
                                 out, os.path.join(tmp, "naive.onnx")])
     mb = 2 ** 20
     res = {
-        "family": a.family, "shape": dict(zip(("hidden", "layers", "ffn", "heads", "vocab"), shape)), "factor": a.factor,
+        "family": a.family, "shape": dict(zip(SHAPE_ARGS, shape)), "factor": a.factor,
         "params_small": params, "input_MB": sum(small_sizes) / mb, "output_MB": out_bytes / mb, "largest_tensor_MB": largest / mb,
         "generate_s": gen_s, "widen_s": widen_s, "raw_write_s": floor_s, "ratio": widen_s / floor_s,
         "raw_write_flush_behind_s": floor_behind_s, "ratio_flush_behind": widen_s / floor_behind_s,

@@ -16,10 +16,9 @@ import argparse
 import os
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-# Presets: (hidden, layers, ffn, heads, vocab). "1b" is TinyLlama's shape (1.1B parameters),
+# Presets: (hidden, layers, ffn, heads, vocab). "1b" is TinyLlama's shape without GQA (1.26B parameters),
 # "100m" BERT-base's (110M).
 PRESETS = {
     ("llama", "100m"): (768, 12, 2048, 12, 32000),
@@ -200,20 +199,28 @@ def build(family: str, out: str, hidden: int, layers: int, ffn: int, heads: int,
     return w.params
 
 
+SHAPE_ARGS = ("hidden", "layers", "ffn", "heads", "vocab")
+
+
+def add_shape_args(ap, hidden=256, layers=2, ffn=1024, heads=4, vocab=1000):
+    """--size (a preset) or --hidden/--layers/--ffn/--heads/--vocab: read back with `shape_of`."""
+    ap.add_argument("--size", choices=["100m", "1b"], default=None, help="a preset shape (else --hidden etc.)")
+    for name, default in zip(SHAPE_ARGS, (hidden, layers, ffn, heads, vocab)):
+        ap.add_argument(f"--{name}", type=int, default=default)
+
+
+def shape_of(a, family) -> tuple:
+    return PRESETS[(family, a.size)] if a.size else tuple(getattr(a, n) for n in SHAPE_ARGS)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("family", choices=sorted(FAMILIES))
     ap.add_argument("-o", "--output", required=True)
-    ap.add_argument("--size", choices=["100m", "1b"], default=None, help="a preset shape")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--ffn", type=int, default=1024)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=1000)
+    add_shape_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    shape = PRESETS[(a.family, a.size)] if a.size else (a.hidden, a.layers, a.ffn, a.heads, a.vocab)
-    params = build(a.family, a.output, *shape, seed=a.seed)
+    params = build(a.family, a.output, *shape_of(a, a.family), seed=a.seed)
     print(f"{a.output}: {params:,} parameters")
 
 

@@ -98,6 +98,7 @@ class Analysis:
         # under RMSNorm, mean units only under LayerNorm (WIDENING.md, Non-integer factors)
         self.norms: list[tuple] = []
         self.identity_required: list[tuple] = []  # (Sym, node, untracked input) that must keep their size
+        self.grown_fills: dict = {}  # id(ConstantOfShape) -> {output axis: Sym} (match.grow_fills)
 
     # ---- queries used by patterns ----------------------------------------------------------
     def tracked(self, name: str) -> bool:

@@ -167,7 +167,7 @@ def grow_fills(an, fills, sym):
     layout (a parameter of factor 1: what it is added to keeps unit scale, like attention scores)."""
     from .analysis import ShapeUse
 
-    grown = an.__dict__.setdefault("_grown_fills", {})
+    grown = an.grown_fills
     for node, const, axis in fills:
         if const is not None:
             axes = [None] * len(an.shape(const))

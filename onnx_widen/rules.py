@@ -351,15 +351,11 @@ def rotary_cache(small: np.ndarray, lay: Layout, axis: int) -> np.ndarray:
     positions = table.shape[-2]
     rows = table.reshape(-1, positions, 2 * n)
     p = np.arange(positions)[:, None]
-    narrow = np.dtype(small.dtype).itemsize < 4
-    if narrow and positions > 2:
-        # float16 sines hold the angle at row 1 to 5e-4 only: fit the slope of the unwrapped angle
-        # over every position instead.
-        theta = np.unwrap(np.arctan2(rows[0, :, :n], rows[0, :, n:]), axis=0)
-        f = (p * theta).sum(axis=0) / float((p * p).sum())
-    else:
-        f = np.arctan2(rows[0, 1, :n], rows[0, 1, n:])
-    tol = 4e-3 if narrow else 1e-4
+    # The angle p * f, unwrapped over the positions; its slope through 0 is f, to far better than
+    # the angle at one row (a float16 sine holds that to 5e-4 only).
+    theta = np.unwrap(np.arctan2(rows[0, :, :n], rows[0, :, n:]), axis=0)
+    f = (p * theta).sum(axis=0) / float((p * p).sum())
+    tol = TABLE_ATOL[np.dtype(small.dtype).itemsize]
     if not (np.allclose(np.sin(p * f), rows[0, :, :n], atol=tol) and np.allclose(np.cos(p * f), rows[0, :, n:], atol=tol)):
         return None
     half = Layout(lay.src[: len(lay.src) // 2], n)

@@ -18,6 +18,7 @@ import numpy as np
 from onnx import TensorProto
 
 from onnx_widen import dims as D
+from onnx_widen import rules
 from onnx_widen.analysis import Match, ShapeUse
 from onnx_widen.graph import attr
 from onnx_widen.match import OpPattern, const_source, width_param_axes
@@ -103,7 +104,7 @@ def _looks_like_sincos(table):
     n = rows.shape[1] // 2
     if rows.shape[0] < 2 or rows.shape[1] % 2:
         return False
-    tol = 1e-4 if np.dtype(table.dtype).itemsize >= 4 else 4e-3
+    tol = rules.TABLE_ATOL[np.dtype(table.dtype).itemsize]
     return (np.allclose(rows[0, :n], 0, atol=1e-6) and np.allclose(rows[0, n:], 1, atol=1e-6)
             and np.allclose(rows[1, :n] ** 2 + rows[1, n:] ** 2, 1, atol=tol))
 
